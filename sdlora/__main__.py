@@ -1,0 +1,5 @@
+import sys
+
+from sdlora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: config, dataset, caches, the loop and its checkpoints."""

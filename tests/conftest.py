@@ -1,0 +1,27 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from sdlora.tiny import save_tiny_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory):
+    """Path of a tiny SD1 diffusers folder (random weights, real architecture and tokenizer)."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd1"), "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """Path of a tiny SDXL diffusers folder."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_v(tmp_path_factory):
+    """Tiny SD1 architecture with a v-prediction scheduler (stands in for SD 2.x 768-v)."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd1-v"), "sd1", prediction_type="v_prediction")
