@@ -1,0 +1,77 @@
+"""Caches that take the VAE and a frozen text encoder out of the training step.
+
+Latents: each training image's VAE latent (the distribution's mean, scaled) is computed once,
+kept in memory or on disk under `{output.dir}/cache/latents`, keyed by the image file and the
+exact crop, so a resumed run or a second run on the same data reuses them.
+Text: while the text encoder is frozen, each distinct caption is encoded once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from sdlora.train.checkpoints import atomic_write
+from sdlora.train.conditioning import TextEmbedding
+
+
+def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """(batch, 3, H, W) in [-1, 1] -> (batch, 4, H/8, W/8), scaled as the UNet expects."""
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((latents - shift) * vae.config.scaling_factor).float()
+
+
+class LatentCache:
+    """Latents by dataset index; `mode` is "memory" or "disk"."""
+
+    def __init__(self, vae, dataset, mode: str, folder: Path, show_progress: bool = True):
+        self.latents: dict[int, torch.Tensor] = {}
+        disk = mode == "disk"
+        if disk:
+            folder.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            for index in tqdm(range(len(dataset)), desc="caching latents", disable=not show_progress):
+                item = dataset.image(index)
+                path = folder / f"{_cache_key(item)}.safetensors"
+                if disk and path.is_file():
+                    latent = load_file(path)["latent"]
+                else:
+                    latent = encode_latents(vae, item["pixel_values"][None])[0].cpu()
+                    if disk:
+                        atomic_write(path, lambda temp, t=latent: save_file({"latent": t}, temp))
+                self.latents[index] = latent
+
+    def batch(self, indices: list[int]) -> torch.Tensor:
+        return torch.stack([self.latents[index] for index in indices])
+
+
+def _cache_key(item: dict) -> str:
+    """Identify a latent by its source file (path, size, mtime) and the exact crop taken."""
+    path = Path(item["path"])
+    stat = path.stat()
+    parts = [str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns),
+             str(tuple(item["target_size"])), str(tuple(item["crop_top_left"])),
+             str(item.get("flipped", False))]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+class TextCache:
+    """Frozen-encoder embeddings by caption; `encode(list[str]) -> TextEmbedding` fills misses."""
+
+    def __init__(self, encode):
+        self.encode = encode
+        self.embeddings: dict[str, TextEmbedding] = {}
+
+    def batch(self, captions: list[str]) -> TextEmbedding:
+        missing = sorted({c for c in captions if c not in self.embeddings})
+        if missing:
+            with torch.no_grad():
+                encoded = self.encode(missing)
+            for index, caption in enumerate(missing):
+                self.embeddings[caption] = encoded[index : index + 1].to("cpu")
+        return TextEmbedding.cat([self.embeddings[c] for c in captions])

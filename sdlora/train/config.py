@@ -1,0 +1,257 @@
+"""The training config: YAML sections mapped onto dataclasses, with defaults that work.
+
+    config = load_config("configs/sd15-style.yaml", overrides=["train.steps=200"])
+
+Every key is checked: an unknown key, a wrong type or an impossible value is a `SdloraError`
+whose one line names the key and says what would be right.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from sdlora.errors import SdloraError
+
+TARGET_PRESETS = ("attention", "transformer", "full")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                "polynomial")
+
+
+@dataclass
+class DataConfig:
+    instance_dir: str = ""
+    instance_prompt: str = ""
+    trigger_word: str | None = None  # prepended to caption files that lack it
+    class_dir: str | None = None
+    class_prompt: str | None = None
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    resolution: int | None = None  # None: the family's native resolution
+    bucket: bool = True  # aspect-ratio buckets
+    random_crop: bool = False
+    random_flip: bool = False
+    caption_dropout: float = 0.0
+    shuffle_tags: bool = False
+    keep_tokens: int = 1  # leading tags that shuffling leaves in place
+    cache_latents: str = "memory"  # memory | disk | none
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "attention"  # attention | transformer | full
+    text_encoder: bool = False
+    text_encoder_mlp: bool = False
+    text_encoder_lr: float | None = None  # None: train.learning_rate
+    dora: bool = False
+    loraplus_ratio: float | None = None  # LoRA+: lr of the up matrices = ratio * lr
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    learning_rate: float = 1.0e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    optimizer: str = "adamw"  # adamw | adamw8bit
+    weight_decay: float = 1.0e-2
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class ValidationConfig:
+    prompts: list[str] = field(default_factory=list)
+    every: int = 0  # steps between validation grids; 0 turns validation off
+    steps: int = 25
+    guidance: float = 7.0
+    seed: int = 0
+    resolution: int | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 3
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "out/adapter"
+    name: str = "adapter"
+    format: str = "kohya"  # kohya | diffusers
+    dtype: str = "fp16"  # fp16 | bf16 | fp32
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    base: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def adapter_path(self) -> Path:
+        return Path(self.output.dir) / f"{self.output.name}.safetensors"
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply `key=value` overrides, check every key and value."""
+    path = Path(path)
+    if not path.is_file():
+        raise SdloraError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SdloraError(f"{path}{where} is not valid YAML: {getattr(error, 'problem', error)}") from None
+    if not isinstance(raw, dict):
+        raise SdloraError(f"{path} must be a mapping of sections (base, data, lora, train, ...)")
+    for override in overrides:
+        apply_override(raw, override)
+    config = from_dict(raw)
+    validate(config)
+    return config
+
+
+def from_dict(raw: dict) -> Config:
+    return _build(Config, raw, prefix="")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """`train.steps=200` sets raw["train"]["steps"] = 200 (the value is parsed as YAML)."""
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise SdloraError(f"--set {override!r} must look like key=value, e.g. train.steps=200")
+    *sections, leaf = key.strip().split(".")
+    node = raw
+    for section in sections:
+        node = node.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise SdloraError(f"--set {key}: {section} is not a section")
+    node[leaf] = yaml.safe_load(value) if value.strip() else None
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise SdloraError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise SdloraError(
+            f"unknown config key {prefix}{unknown[0]}; known keys here: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value if value is not None else {}, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value, hint, key: str):
+    """Check `value` against a type hint; ints are accepted where floats are expected."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise SdloraError(f"config key {key} needs a value")
+    for option in allowed:
+        origin = typing.get_origin(option)
+        if origin is list and isinstance(value, list):
+            if all(isinstance(item, str) for item in value):
+                return value
+        elif option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        elif option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        elif option in (str, bool) and isinstance(value, option):
+            return value
+    names = " or ".join(
+        "a list of strings" if typing.get_origin(a) is list else a.__name__
+        for a in allowed if a is not type(None)
+    )
+    raise SdloraError(f"config key {key} must be {names}, got {value!r}")
+
+
+def _choice(key: str, value: str, options) -> None:
+    if value not in options:
+        raise SdloraError(f"config key {key} is {value!r}; choose one of {', '.join(options)}")
+
+
+def validate(config: Config) -> None:
+    """Impossible values, named by key."""
+    if not config.base:
+        raise SdloraError("config key base is missing: a hub id, a diffusers folder, a .safetensors file or 'demo'")
+    data, lora, train = config.data, config.lora, config.train
+    if not data.instance_dir:
+        raise SdloraError("config key data.instance_dir is missing: the folder of training images")
+    if not data.instance_prompt:
+        raise SdloraError("config key data.instance_prompt is missing, e.g. 'a painting in sks style'")
+    if data.resolution is not None and (data.resolution < 64 or data.resolution % 8):
+        raise SdloraError(f"data.resolution must be a multiple of 8 and at least 64, got {data.resolution}")
+    if data.class_dir and not data.class_prompt:
+        raise SdloraError("data.class_dir is set but data.class_prompt is not: give the class prompt, e.g. 'a photo of a dog'")
+    if data.num_class_images < 1:
+        raise SdloraError("data.num_class_images must be at least 1")
+    if not 0.0 <= data.caption_dropout < 1.0:
+        raise SdloraError(f"data.caption_dropout must be in [0, 1), got {data.caption_dropout}")
+    if data.keep_tokens < 0:
+        raise SdloraError("data.keep_tokens must be 0 or more")
+    _choice("data.cache_latents", data.cache_latents, ("memory", "disk", "none"))
+    if lora.rank < 1:
+        raise SdloraError(f"lora.rank must be at least 1, got {lora.rank}")
+    if lora.alpha <= 0:
+        raise SdloraError(f"lora.alpha must be positive, got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise SdloraError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
+    _choice("lora.targets", lora.targets, TARGET_PRESETS)
+    if lora.loraplus_ratio is not None and lora.loraplus_ratio < 1:
+        raise SdloraError(f"lora.loraplus_ratio must be at least 1, got {lora.loraplus_ratio}")
+    for key in ("steps", "batch_size", "gradient_accumulation"):
+        if getattr(train, key) < 1:
+            raise SdloraError(f"train.{key} must be at least 1, got {getattr(train, key)}")
+    if train.learning_rate <= 0:
+        raise SdloraError(f"train.learning_rate must be positive, got {train.learning_rate}")
+    _choice("train.lr_scheduler", train.lr_scheduler, LR_SCHEDULES)
+    _choice("train.optimizer", train.optimizer, ("adamw", "adamw8bit"))
+    _choice("train.mixed_precision", train.mixed_precision, ("no", "fp16", "bf16"))
+    if train.min_snr_gamma is not None and train.min_snr_gamma <= 0:
+        raise SdloraError(f"train.min_snr_gamma must be positive, got {train.min_snr_gamma}")
+    if config.validation.every < 0 or config.checkpoint.every < 0 or config.checkpoint.keep < 1:
+        raise SdloraError("validation.every and checkpoint.every must be >= 0, checkpoint.keep >= 1")
+    if config.validation.every and not config.validation.prompts:
+        raise SdloraError("validation.every is set but validation.prompts is empty")
+    _choice("output.format", config.output.format, ("kohya", "diffusers"))
+    _choice("output.dtype", config.output.dtype, ("fp16", "bf16", "fp32"))
+    if not config.output.name or "/" in config.output.name:
+        raise SdloraError(f"output.name must be a plain file name, got {config.output.name!r}")

@@ -1,0 +1,269 @@
+"""The training loop, top to bottom: one loop for every family.
+
+    images -> dataset -> cached latents / text embeddings -> noise + timestep -> UNet with LoRA
+    -> loss (epsilon or v, min-SNR, prior preservation) -> optimizer step -> checkpoints
+    -> {output.dir}/{output.name}.safetensors
+
+Family differences live in `sdlora.families` and `sdlora.train.conditioning`; this file only
+decides what happens in which order. Every random draw of step s comes from generators seeded
+with (seed, s), and the data order is a pure function of (seed, epoch), so a run resumed from
+a checkpoint continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from sdlora.errors import SdloraError
+from sdlora.models import load_base
+from sdlora.train import checkpoints
+from sdlora.train.cache import LatentCache, TextCache, encode_latents
+from sdlora.train.conditioning import encode_text, unet_conditioning
+from sdlora.train.config import Config
+from sdlora.train.data import TrainingData
+from sdlora.train.lora import (
+    TEXT_ATTENTION,
+    TEXT_ATTENTION_AND_MLP,
+    UNET_TARGETS,
+    add_lora,
+    export_adapter,
+    lora_parameters,
+    parameter_groups,
+)
+from sdlora.train.output import OutputWriter
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def train(config: Config, resume: str | None = None) -> Path:
+    """Train the adapter that `config` describes; returns the adapter file's path."""
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+    main = accelerator.is_main_process
+    output = OutputWriter(config, enabled=main)  # checks the folder is writable before anything
+    device = accelerator.device
+    weight_dtype = WEIGHT_DTYPES[config.train.mixed_precision]
+
+    # --- the base model and its frozen parts -------------------------------------------------
+    base = load_base(config.base)
+    pipeline, family = base.pipeline, base.family
+    unet, vae = pipeline.unet, pipeline.vae
+    text_encoders, tokenizers = base.text_encoders, base.tokenizers
+    for module in (unet, vae, *text_encoders):
+        module.requires_grad_(False).to(device, weight_dtype)
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    resolution = config.data.resolution or family.default_resolution
+
+    # --- data ----------------------------------------------------------------------------------
+    with accelerator.main_process_first():
+        data = TrainingData(config, pipeline, resolution, prepare=main)
+    if main:
+        data.report()
+
+    # --- LoRA layers ---------------------------------------------------------------------------
+    lora = config.lora
+    trained = {"unet": unet}
+    add_lora(unet, UNET_TARGETS[lora.targets], lora.rank, lora.alpha, lora.dropout, lora.dora)
+    if lora.text_encoder:
+        pattern = TEXT_ATTENTION_AND_MLP if lora.text_encoder_mlp else TEXT_ATTENTION
+        for name, encoder in zip(family.text_encoders, text_encoders):
+            add_lora(encoder, pattern, lora.rank, lora.alpha, lora.dropout, lora.dora)
+            trained[name] = encoder
+    for model in trained.values():
+        for parameter in lora_parameters(model).values():
+            parameter.data = parameter.data.float()  # trainable weights stay fp32
+    if config.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for name, model in trained.items():
+            if name != "unet":
+                model.gradient_checkpointing_enable({"use_reentrant": False})
+
+    # --- caches: the VAE encoder and a frozen text encoder leave the step ----------------------
+    def embed(captions: list[str]):
+        return encode_text(captions, tokenizers, text_encoders, device)
+
+    latents = None
+    if config.data.cache_latents != "none":
+        latents = {kind: LatentCache(vae, subset, config.data.cache_latents,
+                                     output.dir / "cache" / "latents", show_progress=main)
+                   for kind, subset in data.subsets.items()}
+    text_cache = None if lora.text_encoder else TextCache(embed)
+    validator = output.validator(pipeline, embed, resolution) if main else None
+    if latents is not None and validator is None:
+        vae.to("meta")  # nothing decodes or encodes any more: give its memory back
+    elif latents is not None:
+        vae.encoder = None
+
+    # --- optimizer, schedule, resume -----------------------------------------------------------
+    optimizer = make_optimizer(config, parameter_groups(
+        trained, config.train.learning_rate, lora.text_encoder_lr, lora.loraplus_ratio))
+    from diffusers.optimization import get_scheduler
+
+    lr_schedule = get_scheduler(config.train.lr_scheduler, optimizer,
+                                num_warmup_steps=config.train.lr_warmup_steps,
+                                num_training_steps=config.train.steps)
+    start_step = 0
+    if resume:
+        start_step = load_training_state(checkpoints.resolve_resume(config.output.dir, resume),
+                                         trained, optimizer, lr_schedule)
+    prepared = accelerator.prepare(*trained.values(), optimizer)
+    models = dict(zip(trained, prepared[:-1]))
+    optimizer = prepared[-1]
+
+    def training_state() -> dict:
+        return {"lora": {name: {k: v.detach().cpu() for k, v in lora_parameters(
+                    accelerator.unwrap_model(model)).items()} for name, model in models.items()},
+                "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict()}
+
+    def current_adapter():
+        unwrapped = {name: accelerator.unwrap_model(m) for name, m in models.items()}
+        return export_adapter(unwrapped, config.output.name, family.name)
+
+    # --- the loss of one micro-batch -----------------------------------------------------------
+    def micro_batch_loss(kind: str, indices: list[int], epoch: int, generator) -> torch.Tensor:
+        subset = data.subsets[kind]
+        images = [subset.image(i) for i in indices]
+        if latents is not None:
+            clean = latents[kind].batch(indices).to(device)
+        else:
+            with torch.no_grad():
+                clean = encode_latents(vae, torch.stack([im["pixel_values"] for im in images]))
+        captions = [subset.caption(i, epoch) for i in indices]
+        text = text_cache.batch(captions) if text_cache else embed(captions)
+        text = text.to(device, weight_dtype if text_cache else None)
+
+        noise = torch.randn(clean.shape, generator=generator)
+        if config.train.noise_offset:
+            noise += config.train.noise_offset * torch.randn(
+                (clean.shape[0], clean.shape[1], 1, 1), generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
+                                  (clean.shape[0],), generator=generator)
+        noise, timesteps = noise.to(device), timesteps.to(device)
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        if base.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(clean, noise, timesteps)
+        else:
+            target = noise
+        conditioning = unet_conditioning(text, [im["original_size"] for im in images],
+                                         [im["crop_top_left"] for im in images],
+                                         [im["target_size"] for im in images])
+        with accelerator.autocast():
+            prediction = models["unet"](noisy.to(weight_dtype), timesteps, **conditioning).sample
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if config.train.min_snr_gamma:
+            loss = loss * min_snr_weights(noise_scheduler, timesteps, config.train.min_snr_gamma,
+                                          base.prediction_type)
+        return loss.mean()
+
+    # --- the loop ------------------------------------------------------------------------------
+    accumulation = config.train.gradient_accumulation
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    progress = tqdm(total=config.train.steps, initial=start_step, desc=f"training {config.output.name}",
+                    disable=not main, dynamic_ncols=True)
+    step = start_step
+    for model in models.values():
+        model.train()
+    try:
+        while step < config.train.steps:
+            for micro in range(accumulation):
+                global_index = (step * accumulation + micro) * accelerator.num_processes \
+                    + accelerator.process_index
+                generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + global_index)
+                torch.manual_seed(config.train.seed + global_index)  # LoRA dropout
+                syncing = micro == accumulation - 1
+                with contextlib.ExitStack() as stack:
+                    if not syncing:
+                        for model in models.values():
+                            stack.enter_context(accelerator.no_sync(model))
+                    epoch, indices = data.batch("instance", global_index)
+                    loss = micro_batch_loss("instance", indices, epoch, generator)
+                    if "class" in data.subsets:
+                        epoch, indices = data.batch("class", global_index)
+                        loss = loss + config.data.prior_loss_weight * micro_batch_loss(
+                            "class", indices, epoch, generator)
+                    if not torch.isfinite(loss):
+                        raise SdloraError(non_finite_message(loss, step, config.output.dir))
+                    accelerator.backward(loss / accumulation)
+            if config.train.max_grad_norm:
+                accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.2e}")
+            output.log_scalars(step, loss=loss_value, lr=lr_schedule.get_last_lr()[0])
+            if validator and config.validation.every and step % config.validation.every == 0:
+                output.validation_grid(validator, step, models)
+            if config.checkpoint.every and step % config.checkpoint.every == 0 \
+                    and step < config.train.steps:
+                accelerator.wait_for_everyone()
+                output.checkpoint(step, training_state, current_adapter)
+    except KeyboardInterrupt:
+        progress.close()
+        output.checkpoint(step, training_state, current_adapter)
+        output.say(f"interrupted at step {step}; checkpoint saved, continue with --resume latest")
+        raise
+    progress.close()
+    accelerator.wait_for_everyone()
+    path = output.final_adapter(current_adapter(), data, step)
+    accelerator.end_training()
+    return path
+
+
+def make_optimizer(config: Config, groups: list[dict]) -> torch.optim.Optimizer:
+    kwargs = {"lr": config.train.learning_rate, "weight_decay": config.train.weight_decay}
+    if config.train.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise SdloraError("train.optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes, "
+                              "or use adamw") from None
+        return bitsandbytes.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float,
+                    prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR, or / (SNR + 1) for v."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def load_training_state(path: Path, trained: dict, optimizer, lr_schedule) -> int:
+    state = checkpoints.load_checkpoint(path)
+    for name, model in trained.items():
+        saved = state["lora"].get(name)
+        if saved is None:
+            raise SdloraError(f"checkpoint {path} has no LoRA weights for {name}; "
+                              "it was made with another lora config")
+        current = lora_parameters(model)
+        if set(saved) != set(current):
+            raise SdloraError(f"checkpoint {path} does not match lora.targets/rank of this config")
+        with torch.no_grad():
+            for key, parameter in current.items():
+                parameter.copy_(saved[key])
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    return int(state["step"])
+
+
+def non_finite_message(loss: torch.Tensor, step: int, output_dir: str) -> str:
+    found = checkpoints.list_checkpoints(output_dir)
+    kept = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was written yet"
+    value = "nan" if math.isnan(loss.item()) else "inf"
+    return (f"loss became {value} at step {step + 1}; training stopped and {kept}. "
+            "Lower train.learning_rate or use train.mixed_precision: bf16 instead of fp16")
