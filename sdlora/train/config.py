@@ -192,6 +192,8 @@ def _coerce(value, hint, key: str):
                 return value
         elif option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        elif option is float and isinstance(value, str) and _is_number(value):
+            return float(value)  # YAML reads 1e-4 (no dot) as a string
         elif option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         elif option in (str, bool) and isinstance(value, option):
@@ -201,6 +203,14 @@ def _coerce(value, hint, key: str):
         for a in allowed if a is not type(None)
     )
     raise SdloraError(f"config key {key} must be {names}, got {value!r}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _choice(key: str, value: str, options) -> None:
