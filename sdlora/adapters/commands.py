@@ -1,0 +1,117 @@
+"""`sdlora convert` and `sdlora info`: adapter files in, a converted file or a description out."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from sdlora.adapters.core import Adapter, Layer, LohaLayer, LokrLayer, LoraLayer
+from sdlora.adapters.metadata import top_tags, training_settings, trigger_words
+from sdlora.adapters.read import read_adapter_file
+from sdlora.adapters.write import save_adapter
+
+
+def convert_command(args: argparse.Namespace) -> None:
+    """Read args.input in any layout, write args.out in layout args.to, keeping the metadata."""
+    source = read_adapter_file(args.input)
+    adapter = source.adapter
+    written = save_adapter(adapter, args.out, layout=args.to, dtype=_storage_dtype(adapter))
+    print(
+        f"converted {args.input} ({source.layout}) -> {written} ({args.to}): "
+        f"{len(adapter.layers)} layers, family {adapter.family or 'unknown'}"
+    )
+
+
+def _storage_dtype(adapter: Adapter) -> torch.dtype:
+    """Keep full precision when the source had it; half precision otherwise (the common case)."""
+    floats = {
+        tensor.dtype
+        for layer in adapter.layers.values()
+        for tensor in vars(layer).values()
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+    }
+    return torch.float32 if torch.float32 in floats else torch.float16
+
+
+def info_command(args: argparse.Namespace) -> None:
+    """Print what an adapter file is: family, layout, ranks, targets, size, training settings."""
+    path = Path(args.adapter)
+    source = read_adapter_file(path)
+    for label, value in describe(source.adapter, source.layout, path.stat().st_size):
+        print(f"{label + ':':<22}{value}")
+    if source.ignored_keys:
+        print(f"{'ignored keys:':<22}{len(source.ignored_keys)} (e.g. {source.ignored_keys[0]})")
+
+
+def describe(adapter: Adapter, layout: str, file_size: int) -> list[tuple[str, str]]:
+    """(label, value) lines describing an adapter, in the order `sdlora info` prints them."""
+    layers = adapter.layers.values()
+    lines = [
+        ("name", adapter.name),
+        ("family", adapter.family or "unknown (no metadata, and the widths match no family)"),
+        ("layout", layout),
+        ("layer types", _counts(_kind(layer) for layer in layers)),
+        (
+            "layers",
+            f"{len(adapter.layers)} ({_counts(path.split('.', 1)[0] for path in adapter.layers)})",
+        ),
+        ("rank", _values(layer.rank for layer in layers if not isinstance(layer, LokrLayer))),
+        ("alpha", _values(layer.alpha for layer in layers if not isinstance(layer, LokrLayer))),
+        ("targets", _counts(_target(path) for path in adapter.layers)),
+        ("parameters", f"{adapter.num_parameters:,}"),
+        ("file size", _size(file_size)),
+    ]
+    words = trigger_words(adapter.metadata)
+    if words:
+        lines.append(("trigger words", ", ".join(words)))
+    tags = top_tags(adapter.metadata)
+    if tags:
+        lines.append(("top tags", ", ".join(f"{tag} ({count})" for tag, count in tags)))
+    lines.extend(training_settings(adapter.metadata))
+    return [(label, value) for label, value in lines if value]
+
+
+def _kind(layer: Layer) -> str:
+    if isinstance(layer, LohaLayer):
+        return "LoHa"
+    if isinstance(layer, LokrLayer):
+        return "LoKr"
+    assert isinstance(layer, LoraLayer)
+    return "LoCon (conv)" if layer.down.dim() == 4 and layer.down.shape[2:] != (1, 1) else "LoRA"
+
+
+_TARGET_PARENTS = ("attn1", "attn2", "ff", "self_attn", "mlp")
+
+
+def _target(path: str) -> str:
+    """The kind of module a path names: "attn2.to_k", "ff.net.0.proj", "conv1", "self_attn.q_proj"."""
+    parts = path.split(".")
+    parents = [index for index, part in enumerate(parts) if part in _TARGET_PARENTS]
+    if parents:
+        return ".".join(parts[parents[-1] :])
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+
+def _counts(items) -> str:
+    return ", ".join(f"{item} {count}" for item, count in sorted(Counter(items).items()))
+
+
+def _values(numbers) -> str:
+    distinct = sorted(set(numbers))
+    text = ", ".join(f"{number:g}" for number in distinct)
+    return (
+        text
+        if len(distinct) <= 6
+        else f"{distinct[0]:g} to {distinct[-1]:g} ({len(distinct)} values)"
+    )
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
