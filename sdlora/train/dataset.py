@@ -29,6 +29,7 @@ diffusers' trainers).
 from __future__ import annotations
 
 import logging
+import random
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -95,7 +96,7 @@ def scan_images(folder: str | Path, role: str = "image folder", allow_empty: boo
     for path in candidates:
         try:
             images.append(ScannedImage(path, _probe(path)))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        except Exception as error:  # decoders fail in many ways; each one means "unusable"
             skipped.append((path, _reason(error)))
     if skipped:
         listing = "; ".join(f"{path.name}: {reason}" for path, reason in skipped)
@@ -181,7 +182,7 @@ def with_trigger_word(caption: str, trigger_word: str | None) -> str:
 
 def apply_caption_rules(
     caption: str,
-    rng,
+    rng: random.Random,
     dropout: float = 0.0,
     shuffle_tags: bool = False,
     keep_tokens: int = 1,
@@ -322,7 +323,7 @@ class TrainingDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: SampleKey | tuple[int, int] | int) -> dict:
         """`dataset[SampleKey(index, epoch)]`; a plain int index means epoch 0."""
-        index, epoch = (key, 0) if isinstance(key, int) else key
+        index, epoch = key if isinstance(key, tuple) else (int(key), 0)
         return {**self.image(index), "caption": self.caption(index, epoch)}
 
     def batch_sampler(
