@@ -79,7 +79,7 @@ def load_base(source: str, torch_dtype: torch.dtype = torch.float32) -> Base:
             pipeline = DiffusionPipeline.from_pretrained(path, dtype=torch_dtype)
     except SdloraError:
         raise
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SdloraError(f"cannot load base {source!r}: {first_line}") from error
     return describe_pipeline(pipeline, source)

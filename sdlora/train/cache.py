@@ -68,10 +68,10 @@ class TextCache:
         self.embeddings: dict[str, TextEmbedding] = {}
 
     def batch(self, captions: list[str]) -> TextEmbedding:
-        missing = sorted({c for c in captions if c not in self.embeddings})
-        if missing:
-            with torch.no_grad():
-                encoded = self.encode(missing)
-            for index, caption in enumerate(missing):
-                self.embeddings[caption] = encoded[index : index + 1].to("cpu")
+        for caption in captions:
+            if caption not in self.embeddings:
+                # One caption at a time: a CPU matmul's result depends on the batch it is in,
+                # and an exact resume needs the same embedding whenever a caption first appears.
+                with torch.no_grad():
+                    self.embeddings[caption] = self.encode([caption]).to("cpu")
         return TextEmbedding.cat([self.embeddings[c] for c in captions])

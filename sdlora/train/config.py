@@ -196,7 +196,7 @@ def _coerce(value, hint, key: str):
             return float(value)  # YAML reads 1e-4 (no dot) as a string
         elif option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        elif option in (str, bool) and isinstance(value, option):
+        elif option in (str, bool) and isinstance(value, option):  # noqa: SIM114
             return value
     names = " or ".join(
         "a list of strings" if typing.get_origin(a) is list else a.__name__

@@ -28,6 +28,7 @@ from sdlora.train.cache import LatentCache, TextCache, encode_latents
 from sdlora.train.conditioning import encode_text, unet_conditioning
 from sdlora.train.config import Config
 from sdlora.train.data import TrainingData
+from sdlora.train.dataset import IMAGE_SUFFIXES
 from sdlora.train.lora import (
     TEXT_ATTENTION,
     TEXT_ATTENTION_AND_MLP,
@@ -42,8 +43,11 @@ from sdlora.train.output import OutputWriter
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def train(config: Config, resume: str | None = None) -> Path:
-    """Train the adapter that `config` describes; returns the adapter file's path."""
+def train(config: Config, resume: str | None = None, on_step=None) -> Path:
+    """Train the adapter that `config` describes; returns the adapter file's path.
+
+    `on_step(step)`, when given, is called after each optimizer step (benchmarks time it).
+    """
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
     main = accelerator.is_main_process
     output = OutputWriter(config, enabled=main)  # checks the folder is writable before anything
@@ -51,25 +55,29 @@ def train(config: Config, resume: str | None = None) -> Path:
     weight_dtype = WEIGHT_DTYPES[config.train.mixed_precision]
 
     # --- the base model and its frozen parts -------------------------------------------------
-    base = load_base(config.base)
+    resume_path = checkpoints.resolve_resume(config.output.dir, resume) if resume else None
+    check_image_folder(config.data.instance_dir)  # before minutes of model loading
+    base = load_base(config.base, torch_dtype=weight_dtype)
     pipeline, family = base.pipeline, base.family
     unet, vae = pipeline.unet, pipeline.vae
     text_encoders, tokenizers = base.text_encoders, base.tokenizers
     for module in (unet, vae, *text_encoders):
-        module.requires_grad_(False).to(device, weight_dtype)
+        module.requires_grad_(False).to(device)
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     resolution = config.data.resolution or family.default_resolution
+    output.resolution, output.v_prediction = resolution, base.prediction_type == "v_prediction"
 
     # --- data ----------------------------------------------------------------------------------
     with accelerator.main_process_first():
         data = TrainingData(config, pipeline, resolution, prepare=main)
     if main:
-        data.report()
+        tqdm.write(f"training data: {data.describe()}")
 
     # --- LoRA layers ---------------------------------------------------------------------------
     lora = config.lora
+    torch.manual_seed(config.train.seed)  # peft draws the initial A matrices from it
     trained = {"unet": unet}
     add_lora(unet, UNET_TARGETS[lora.targets], lora.rank, lora.alpha, lora.dropout, lora.dora)
     if lora.text_encoder:
@@ -92,9 +100,8 @@ def train(config: Config, resume: str | None = None) -> Path:
 
     latents = None
     if config.data.cache_latents != "none":
-        latents = {kind: LatentCache(vae, subset, config.data.cache_latents,
-                                     output.dir / "cache" / "latents", show_progress=main)
-                   for kind, subset in data.subsets.items()}
+        latents = LatentCache(vae, data.dataset, config.data.cache_latents,
+                              output.dir / "cache" / "latents", show_progress=main)
     text_cache = None if lora.text_encoder else TextCache(embed)
     validator = output.validator(pipeline, embed, resolution) if main else None
     if latents is not None and validator is None:
@@ -111,9 +118,8 @@ def train(config: Config, resume: str | None = None) -> Path:
                                 num_warmup_steps=config.train.lr_warmup_steps,
                                 num_training_steps=config.train.steps)
     start_step = 0
-    if resume:
-        start_step = load_training_state(checkpoints.resolve_resume(config.output.dir, resume),
-                                         trained, optimizer, lr_schedule)
+    if resume_path:
+        start_step = load_training_state(resume_path, trained, optimizer, lr_schedule)
     prepared = accelerator.prepare(*trained.values(), optimizer)
     models = dict(zip(trained, prepared[:-1]))
     optimizer = prepared[-1]
@@ -128,15 +134,15 @@ def train(config: Config, resume: str | None = None) -> Path:
         return export_adapter(unwrapped, config.output.name, family.name)
 
     # --- the loss of one micro-batch -----------------------------------------------------------
-    def micro_batch_loss(kind: str, indices: list[int], epoch: int, generator) -> torch.Tensor:
-        subset = data.subsets[kind]
-        images = [subset.image(i) for i in indices]
+    def micro_batch_loss(indices: list[int], epoch: int, generator) -> torch.Tensor:
+        placements = [data.dataset.samples[i].placement for i in indices]
         if latents is not None:
-            clean = latents[kind].batch(indices).to(device)
+            clean = latents.batch(indices).to(device)
         else:
+            pixels = torch.stack([data.dataset.image(i)["pixel_values"] for i in indices])
             with torch.no_grad():
-                clean = encode_latents(vae, torch.stack([im["pixel_values"] for im in images]))
-        captions = [subset.caption(i, epoch) for i in indices]
+                clean = encode_latents(vae, pixels)
+        captions = [data.dataset.caption(i, epoch) for i in indices]
         text = text_cache.batch(captions) if text_cache else embed(captions)
         text = text.to(device, weight_dtype if text_cache else None)
 
@@ -152,9 +158,9 @@ def train(config: Config, resume: str | None = None) -> Path:
             target = noise_scheduler.get_velocity(clean, noise, timesteps)
         else:
             target = noise
-        conditioning = unet_conditioning(text, [im["original_size"] for im in images],
-                                         [im["crop_top_left"] for im in images],
-                                         [im["target_size"] for im in images])
+        conditioning = unet_conditioning(text, [p.original_size for p in placements],
+                                         [p.crop_top_left for p in placements],
+                                         [p.target_size for p in placements])
         with accelerator.autocast():
             prediction = models["unet"](noisy.to(weight_dtype), timesteps, **conditioning).sample
         loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -184,11 +190,11 @@ def train(config: Config, resume: str | None = None) -> Path:
                         for model in models.values():
                             stack.enter_context(accelerator.no_sync(model))
                     epoch, indices = data.batch("instance", global_index)
-                    loss = micro_batch_loss("instance", indices, epoch, generator)
-                    if "class" in data.subsets:
+                    loss = micro_batch_loss(indices, epoch, generator)
+                    if "class" in data.kinds:
                         epoch, indices = data.batch("class", global_index)
                         loss = loss + config.data.prior_loss_weight * micro_batch_loss(
-                            "class", indices, epoch, generator)
+                            indices, epoch, generator)
                     if not torch.isfinite(loss):
                         raise SdloraError(non_finite_message(loss, step, config.output.dir))
                     accelerator.backward(loss / accumulation)
@@ -198,6 +204,8 @@ def train(config: Config, resume: str | None = None) -> Path:
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if on_step is not None:
+                on_step(step)
 
             loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
             progress.update(1)
@@ -219,6 +227,15 @@ def train(config: Config, resume: str | None = None) -> Path:
     path = output.final_adapter(current_adapter(), data, step)
     accelerator.end_training()
     return path
+
+
+def check_image_folder(folder: str) -> None:
+    """Fail fast on a missing or image-less folder; unreadable files are found by the dataset."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise SdloraError(f"data.instance_dir {folder} does not exist or is not a folder")
+    if not any(child.suffix.lower() in IMAGE_SUFFIXES for child in path.iterdir()):
+        raise SdloraError(f"no usable images in {folder} (expected {', '.join(IMAGE_SUFFIXES)} files)")
 
 
 def make_optimizer(config: Config, groups: list[dict]) -> torch.optim.Optimizer:

@@ -31,6 +31,8 @@ OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.fl
 class OutputWriter:
     def __init__(self, config, enabled: bool):
         self.config = config
+        self.resolution = config.data.resolution  # the loop sets the family default when None
+        self.v_prediction = False
         self.enabled = enabled
         self.dir = Path(config.output.dir)
         self._tensorboard = None
@@ -109,11 +111,23 @@ class OutputWriter:
 
     def _save(self, adapter, path: Path, step: int, data) -> None:
         config = self.config
+        trigger = config.data.trigger_word
         metadata = training_metadata(
-            config=config.to_dict(),
             family=adapter.family,
-            steps=step,
+            rank=config.lora.rank,
+            alpha=config.lora.alpha,
+            resolution=self.resolution,
+            max_train_steps=step,
+            base_model=config.base,
+            output_name=config.output.name,
+            trigger_words=[trigger] if trigger else [],
             tag_frequency=data.tag_frequency() if data is not None else None,
+            config=config.to_dict(),
+            v_prediction=self.v_prediction,
+            learning_rate=config.train.learning_rate,
+            batch_size=config.train.batch_size,
+            seed=config.train.seed,
+            num_train_images=data.num_instance_images if data is not None else None,
         )
         save_adapter(adapter, path, layout=config.output.format,
                      dtype=OUTPUT_DTYPES[config.output.dtype], metadata=metadata)

@@ -1,0 +1,184 @@
+"""End-to-end training on the tiny models: files that load, exact resume, clean failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors import safe_open
+
+from sdlora.adapters.read import load_adapter
+from sdlora.cli import main
+from sdlora.errors import SdloraError
+from sdlora.train.checkpoints import list_checkpoints
+from sdlora.train.config import from_dict, validate
+from sdlora.train.loop import train
+
+
+def make_images(folder, count=3, size=(64, 64), captions=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"image{index}.png")
+        if captions:
+            (folder / f"image{index}.txt").write_text(f"sks, red, circle{index}, blue")
+    return folder
+
+
+def tiny_config(base, tmp_path, **sections):
+    raw = {
+        "base": str(base),
+        "data": {"instance_dir": str(make_images(tmp_path / "images")),
+                 "instance_prompt": "a painting in sks style", "resolution": 64},
+        "lora": {"rank": 4, "alpha": 2},
+        "train": {"steps": 3, "learning_rate": 1e-3},
+        "checkpoint": {"every": 0},
+        "output": {"dir": str(tmp_path / "out"), "name": "style", "tensorboard": False},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    config = from_dict(raw)
+    validate(config)
+    return config
+
+
+def adapter_tensors(path):
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
+
+
+def test_sd1_training_writes_a_kohya_adapter_with_metadata(tiny_sd1, tmp_path):
+    config = tiny_config(tiny_sd1, tmp_path, data={"trigger_word": "sks"})
+    path = train(config)
+    assert path == tmp_path / "out" / "style.safetensors"
+    tensors, metadata = adapter_tensors(path)
+    assert all(key.startswith("lora_unet_") for key in tensors)
+    assert tensors["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha"] == 2
+    assert all(t.dtype == torch.float16 for k, t in tensors.items() if not k.endswith(".alpha"))
+    assert metadata["ss_network_dim"] == "4" and metadata["sdlora.family"] == "sd1"
+    assert metadata["ss_max_train_steps"] == "3"
+    saved = yaml.safe_load((tmp_path / "out" / "style.config.yaml").read_text())
+    assert saved["lora"]["rank"] == 4 and saved["base"] == str(tiny_sd1)
+    # training moved the up matrices away from their zero initialisation
+    assert any(t.abs().max() > 0 for k, t in tensors.items() if "lora_up" in k)
+
+
+def test_sdxl_text_encoder_training_writes_ldm_names_for_both_encoders(tiny_sdxl, tmp_path):
+    config = tiny_config(tiny_sdxl, tmp_path, lora={"text_encoder": True})
+    tensors, metadata = adapter_tensors(train(config))
+    prefixes = {key.split("_")[1] if key.startswith("lora_unet") else key.split("_")[1]
+                for key in tensors}
+    assert {"unet", "te1", "te2"} <= prefixes
+    assert any(key.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0") for key in tensors)
+    assert metadata["sdlora.family"] == "sdxl"
+
+
+def interrupt_at(step_to_stop):
+    def on_step(step):
+        if step == step_to_stop:
+            raise KeyboardInterrupt
+
+    return on_step
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_sd1, tmp_path):
+    settings = dict(
+        lora={"text_encoder": True, "dropout": 0.1},
+        data={"caption_dropout": 0.3, "shuffle_tags": True},
+        train={"steps": 10, "lr_scheduler": "cosine", "lr_warmup_steps": 2, "batch_size": 2},
+        output={"dtype": "fp32"},
+    )
+    straight = train(tiny_config(tiny_sd1, tmp_path / "a", **settings))
+
+    resumed_config = tiny_config(tiny_sd1, tmp_path / "b", **settings)
+    with pytest.raises(KeyboardInterrupt):
+        train(resumed_config, on_step=interrupt_at(5))
+    assert [step for step, _ in list_checkpoints(resumed_config.output.dir)] == [5]
+    resumed = train(resumed_config, resume="latest")
+
+    first, second = load_adapter(straight), load_adapter(resumed)
+    assert first.layers.keys() == second.layers.keys()
+    worst = max((first.layers[k].delta() - second.layers[k].delta()).abs().max().item()
+                for k in first.layers)
+    assert worst <= 1e-6
+
+
+def test_checkpoints_are_pruned_and_validation_grids_written(tiny_sd1, tmp_path):
+    config = tiny_config(
+        tiny_sd1, tmp_path,
+        train={"steps": 4},
+        checkpoint={"every": 1, "keep": 2},
+        validation={"prompts": ["a red circle", "a blue square"], "every": 2, "steps": 2},
+    )
+    train(config)
+    assert [step for step, _ in list_checkpoints(config.output.dir)] == [2, 3]
+    grids = sorted((tmp_path / "out" / "validation").glob("step-*.png"))
+    assert [g.name for g in grids] == ["step-000002.png", "step-000004.png"]
+    assert Image.open(grids[0]).width > 2 * 64  # two prompt columns and a label column
+
+
+def test_v_prediction_and_prior_preservation(tiny_sd1_v, tmp_path):
+    config = tiny_config(
+        tiny_sd1_v, tmp_path,
+        data={"class_dir": str(tmp_path / "class"), "class_prompt": "a painting",
+              "num_class_images": 2, "bucket": False},
+        train={"steps": 2, "min_snr_gamma": 5.0, "noise_offset": 0.05},
+    )
+    _, metadata = adapter_tensors(train(config))
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+    assert metadata["ss_base_model_version"] == "sd_v1_v"
+
+
+def test_diffusers_layout_on_request(tiny_sd1, tmp_path):
+    config = tiny_config(tiny_sd1, tmp_path, output={"format": "diffusers"})
+    tensors, _ = adapter_tensors(train(config))
+    assert all(key.startswith("unet.") and ".lora_" in key for key in tensors)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_sd1, tmp_path, monkeypatch):
+    config = tiny_config(tiny_sd1, tmp_path, train={"steps": 6}, checkpoint={"every": 2})
+    import sdlora.train.loop as loop
+
+    real_mse = loop.F.mse_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_mse(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 3 else loss
+
+    monkeypatch.setattr(loop.F, "mse_loss", poisoned)
+    with pytest.raises(SdloraError, match="loss became nan at step 4.*step-000002.pt"):
+        train(config)
+    assert not (tmp_path / "out" / "style.safetensors").exists()
+
+
+def run_cli(*args):
+    return main(list(args))
+
+
+def test_cli_errors_are_one_line(tiny_sd1, tmp_path, capsys):
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "base": str(tiny_sd1),
+        "data": {"instance_dir": str(tmp_path / "empty"), "instance_prompt": "x", "resolution": 64},
+        "output": {"dir": str(tmp_path / "out")},
+    }))
+    (tmp_path / "empty").mkdir()
+    assert run_cli("train", str(config_path)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("sdlora train: error: no usable images") and "\n" not in error
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert run_cli("train", str(config_path), "--set", f"output.dir={blocker}/out") == 2
+    assert "not writable" in capsys.readouterr().err
+
+    assert run_cli("train", str(config_path), "--set", "lora.rank=0") == 2
+    assert "lora.rank must be at least 1" in capsys.readouterr().err
+
+    assert run_cli("train", str(config_path), "--resume", "latest") == 2
+    assert "no checkpoint" in capsys.readouterr().err
