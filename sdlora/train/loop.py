@@ -103,11 +103,18 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
         latents = LatentCache(vae, data.dataset, config.data.cache_latents,
                               output.dir / "cache" / "latents", show_progress=main)
     text_cache = None if lora.text_encoder else TextCache(embed)
-    validator = output.validator(pipeline, embed, resolution) if main else None
+    validator = output.validator(pipeline, text_cache.batch if text_cache else embed,
+                                 resolution) if main else None
     if latents is not None and validator is None:
         vae.to("meta")  # nothing decodes or encodes any more: give its memory back
     elif latents is not None:
         vae.encoder = None
+    if text_cache is not None and not config.data.shuffle_tags:
+        # Captions are a fixed set (dropout only adds ""): encode them all, free the encoders.
+        text_cache.batch([data.dataset.caption(i, 0) for i in range(len(data.dataset))] + [""])
+        for name in family.text_encoders:
+            setattr(pipeline, name, None)  # validation passes embeddings, never text
+        text_encoders.clear()
 
     # --- optimizer, schedule, resume -----------------------------------------------------------
     optimizer = make_optimizer(config, parameter_groups(
