@@ -182,3 +182,29 @@ def test_cli_errors_are_one_line(tiny_sd1, tmp_path, capsys):
 
     assert run_cli("train", str(config_path), "--resume", "latest") == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_adapter_written_once(tiny_sd1, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    config = tiny_config(tiny_sd1, tmp_path, train={"steps": 4}, checkpoint={"every": 2})
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config.to_dict()))
+    # --multi_gpu is accelerate's torchrun path; on a CPU-only machine it starts CPU processes,
+    # which the trainer then joins with gloo.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "sdlora", "train", str(config_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 process(es)" in result.stderr + result.stdout
+    assert (result.stderr + result.stdout).count("adapter written") == 1
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "style.config.yaml",
+                                                     "style.safetensors"]
+    assert not list(out.rglob("*.tmp"))
+    assert len(load_adapter(out / "style.safetensors").layers) > 0

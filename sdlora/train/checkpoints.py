@@ -39,10 +39,17 @@ def atomic_write(path: Path, write) -> None:
     os.close(handle)
     try:
         write(temp)
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def save_checkpoint(output_dir: str | Path, step: int, state: dict, keep: int) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -48,7 +49,8 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
 
     `on_step(step)`, when given, is called after each optimizer step (benchmarks time it).
     """
-    accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
+                              cpu=launched_on_cpus())
     main = accelerator.is_main_process
     output = OutputWriter(config, enabled=main)  # checks the folder is writable before anything
     device = accelerator.device
@@ -73,7 +75,7 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
     with accelerator.main_process_first():
         data = TrainingData(config, pipeline, resolution, prepare=main)
     if main:
-        tqdm.write(f"training data: {data.describe()}")
+        tqdm.write(f"training data: {data.describe()}; {accelerator.num_processes} process(es)")
 
     # --- LoRA layers ---------------------------------------------------------------------------
     lora = config.lora
@@ -234,6 +236,11 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
     path = output.final_adapter(current_adapter(), data, step)
     accelerator.end_training()
     return path
+
+
+def launched_on_cpus() -> bool:
+    """Several processes and no GPU: accelerate must be told, or each process trains alone."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def check_image_folder(folder: str) -> None:
