@@ -344,7 +344,9 @@ def match_to_base(adapter: Adapter, pipeline, family_name: str | None) -> MatchR
     if unmatched:
         logger.warning(
             "adapter %r: %d layers match no module of the base and are skipped, e.g. %s",
-            *(adapter.name, len(unmatched), unmatched[0]),
+            adapter.name,
+            len(unmatched),
+            unmatched[0],
         )
     return MatchReport(matched=matched, unmatched=unmatched)
 

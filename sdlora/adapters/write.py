@@ -2,7 +2,8 @@
 
     kohya      lora_unet_* / lora_te_* (SD 1.x/2.x) or lora_te1_*/lora_te2_* (SDXL), each with
                .lora_down.weight, .lora_up.weight and a 0-dim .alpha; SDXL UNet modules under
-               the LDM names kohya's SDXL trainer uses. LoHa/LoKr layers are written with
+               the LDM names kohya's SDXL trainer uses. All LoRA layers share one alpha (the
+               most common); a layer with another alpha has the ratio folded into lora_up. LoHa/LoKr layers are written with
                LyCORIS keys (hada_w1_a..., lokr_w1/lokr_w2 + alpha) under the same names.
                AUTOMATIC1111, ComfyUI, Forge, InvokeAI and diffusers load it.
     diffusers  unet.<module>.lora_A.weight / lora_B.weight (and text_encoder., text_encoder_2.).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -73,13 +75,33 @@ def kohya_state_dict(adapter: Adapter, dtype: torch.dtype) -> dict[str, torch.Te
     # Without LDM names for every UNet module the file keeps diffusers names, which kohya's own
     # loader and diffusers both accept for SDXL too.
     unet_names = keys.ldm_unet_names(unet_modules) if sdxl else None
+    common_alpha = _most_common_alpha(adapter)
     tensors: dict[str, torch.Tensor] = {}
     for path, layer in adapter.layers.items():
         name = keys.path_to_kohya_name(keys.canonical_path(path), sdxl=sdxl, unet_names=unet_names)
+        if isinstance(layer, LoraLayer) and layer.alpha != common_alpha:
+            layer = _with_alpha(layer, common_alpha)
         for suffix, tensor in _kohya_tensors(layer).items():
             is_alpha = suffix == "alpha"
             tensors[f"{name}.{suffix}"] = _stored(tensor, torch.float32 if is_alpha else dtype)
     return tensors
+
+
+def _most_common_alpha(adapter: Adapter) -> float:
+    alphas = Counter(
+        float(layer.alpha) for layer in adapter.layers.values() if isinstance(layer, LoraLayer)
+    )
+    nonzero = [alpha for alpha, _ in alphas.most_common() if alpha != 0]
+    return nonzero[0] if nonzero else 0.0
+
+
+def _with_alpha(layer: LoraLayer, alpha: float) -> LoraLayer:
+    """The same update written with another alpha: the ratio moves into `up`.
+
+    diffusers' kohya loader applies per-module alphas wrongly (it ignores them for attention and
+    text-encoder layers), so a kohya file carries one alpha for all its LoRA layers.
+    """
+    return LoraLayer(down=layer.down, up=layer.up.float() * (layer.alpha / alpha), alpha=alpha)
 
 
 def _kohya_tensors(layer: Layer) -> dict[str, torch.Tensor]:
@@ -108,9 +130,10 @@ def diffusers_state_dict(
     alphas: dict[str, float] = {}
     for path, layer in adapter.layers.items():
         if not isinstance(layer, LoraLayer):
+            kind = "LoHa" if isinstance(layer, LohaLayer) else "LoKr"
             raise SdloraError(
-                f"adapter {adapter.name!r} has {type(layer).__name__.removesuffix('Layer')} layers "
-                f"({path}), which the diffusers layout cannot hold; convert to kohya instead"
+                f"adapter {adapter.name!r} has {kind} layers ({path}), which the diffusers layout "
+                "cannot hold; save it in the kohya layout (LyCORIS keys) instead"
             )
         path = keys.canonical_path(path)
         tensors[f"{path}.lora_A.weight"] = _stored(layer.down, dtype)
