@@ -194,15 +194,18 @@ def _coerce(value, hint, key: str):
             return float(value)
         elif option is float and isinstance(value, str) and _is_number(value):
             return float(value)  # YAML reads 1e-4 (no dot) as a string
-        elif option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        elif option in (str, bool) and isinstance(value, option):  # noqa: SIM114
+        elif option in (int, str, bool) and _is_exactly(value, option):
             return value
     names = " or ".join(
         "a list of strings" if typing.get_origin(a) is list else a.__name__
         for a in allowed if a is not type(None)
     )
     raise SdloraError(f"config key {key} must be {names}, got {value!r}")
+
+
+def _is_exactly(value, option) -> bool:
+    """isinstance, except that True is not an int here."""
+    return isinstance(value, option) and (option is bool or not isinstance(value, bool))
 
 
 def _is_number(text: str) -> bool:
