@@ -51,7 +51,6 @@ class LoraConfig:
     text_encoder: bool = False
     text_encoder_mlp: bool = False
     text_encoder_lr: float | None = None  # None: train.learning_rate
-    dora: bool = False
     loraplus_ratio: float | None = None  # LoRA+: lr of the up matrices = ratio * lr
 
 

@@ -81,11 +81,11 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
     lora = config.lora
     torch.manual_seed(config.train.seed)  # peft draws the initial A matrices from it
     trained = {"unet": unet}
-    add_lora(unet, UNET_TARGETS[lora.targets], lora.rank, lora.alpha, lora.dropout, lora.dora)
+    add_lora(unet, UNET_TARGETS[lora.targets], lora.rank, lora.alpha, lora.dropout)
     if lora.text_encoder:
         pattern = TEXT_ATTENTION_AND_MLP if lora.text_encoder_mlp else TEXT_ATTENTION
         for name, encoder in zip(family.text_encoders, text_encoders):
-            add_lora(encoder, pattern, lora.rank, lora.alpha, lora.dropout, lora.dora)
+            add_lora(encoder, pattern, lora.rank, lora.alpha, lora.dropout)
             trained[name] = encoder
     for model in trained.values():
         for parameter in lora_parameters(model).values():

@@ -49,13 +49,13 @@ def target_modules(model: torch.nn.Module, pattern: re.Pattern) -> list[str]:
 
 
 def add_lora(model: torch.nn.Module, pattern: re.Pattern, rank: int, alpha: float,
-             dropout: float, dora: bool) -> list[str]:
+             dropout: float) -> list[str]:
     """Inject peft LoRA layers (B initialised to zero) into the matching modules; freeze the rest."""
     names = target_modules(model, pattern)
     if not names:
         raise SdloraError(f"no modules of {type(model).__name__} match the LoRA targets")
     model.requires_grad_(False)
-    config = PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, use_dora=dora,
+    config = PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                             target_modules=names, init_lora_weights=True)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     for name, parameter in model.named_parameters():
@@ -90,8 +90,6 @@ def export_adapter(models: dict[str, torch.nn.Module], name: str, family: str) -
         for module_name, module in model.named_modules():
             if not isinstance(module, PeftLoraLayer) or ADAPTER_NAME not in module.lora_A:
                 continue
-            if module.use_dora.get(ADAPTER_NAME):
-                raise SdloraError("exporting DoRA adapters is not supported yet; train with lora.dora: false")
             module_name = _unwrap_module_name(module_name)
             layers[f"{component}.{module_name}"] = LoraLayer(
                 down=module.lora_A[ADAPTER_NAME].weight.detach().float().cpu().clone(),
