@@ -9,7 +9,8 @@ Changing one adapter's weight updates only the modules that adapter touches, by
 W += (c_new - c_old) * up @ down (an in-place addmm on fp32 weights). Each touched module keeps
 one CPU copy of its base weight, so that a module whose contributions all return to 0 is
 restored bit for bit, and fp16/bf16 weights are recomputed from it in fp32 (adding small
-deltas into a half-precision weight would drift).
+deltas into a half-precision weight would drift). `Mixer(pipeline, reproducible=True)`
+recomputes fp32 weights too, so that the same mix gives the same bits whatever came before.
 
 A lock makes "set these weights, then generate" atomic for a multi-user web UI:
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sdlora.adapters.core import COMPONENTS, Adapter, Layer, LoraLayer, split_path
+from sdlora.adapters.read import match_to_base
 from sdlora.errors import SdloraError
 from sdlora.models import describe_pipeline
 
@@ -104,8 +106,12 @@ def add_scaled(target: torch.Tensor, layer: Layer, coefficient: float) -> None:
 class Mixer:
     """Adapters fused into `pipeline`'s UNet and text encoders, re-weighted incrementally."""
 
-    def __init__(self, pipeline):
+    def __init__(self, pipeline, reproducible: bool = False):
+        """`reproducible`: recompute each touched module from its base copy instead of adding
+        the change, so the weights depend bit for bit on the mix alone, not on the order of
+        changes (batch rendering wants this; a slider wants the cheaper incremental update)."""
         self.pipeline = pipeline
+        self.reproducible = reproducible
         self.family = describe_pipeline(pipeline).family.name
         self.lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
@@ -116,17 +122,16 @@ class Mixer:
     def add(self, adapter: Adapter, weight: float = 0.0) -> MixedAdapter:
         """Load `adapter` (unfused at first), then fuse it at `weight`.
 
-        Layers whose module the base lacks, or whose shape differs, are skipped and listed in
-        the result's `unmatched`; an adapter for another family is refused.
+        The adapter layer's `match_to_base` re-keys its layers to the base's module names and
+        refuses another family or mismatched shapes; layers naming no module of the base are
+        skipped and listed in the result's `unmatched`.
         """
         with self.lock:
             if adapter.name in self._entries:
                 raise SdloraError(f"an adapter named {adapter.name!r} is already loaded")
-            if adapter.family and adapter.family != self.family:
-                raise SdloraError(
-                    f"adapter {adapter.name!r} is for {adapter.family} but the base is {self.family}"
-                )
-            layers, unmatched = self._match(adapter)
+            report = match_to_base(adapter, self.pipeline, self.family)
+            layers = {path: adapter.layers[path] for path in report.matched}
+            unmatched = list(report.unmatched)
             if not layers:
                 raise SdloraError(
                     f"adapter {adapter.name!r} matches no module of this {self.family} base "
@@ -256,22 +261,6 @@ class Mixer:
             self._modules[path] = _Module(weight=module.weight)
         return self._modules[path]
 
-    def _match(self, adapter: Adapter) -> tuple[dict[str, Layer], list[str]]:
-        """Split the adapter's layers into those with a same-sized module weight and the rest."""
-        matched, unmatched = {}, []
-        for path, layer in adapter.layers.items():
-            component, module_name = split_path(path)
-            model = getattr(self.pipeline, component, None) if component in COMPONENTS else None
-            try:
-                weight = model.get_submodule(module_name).weight if model is not None else None
-            except AttributeError:
-                weight = None
-            if weight is not None and _layer_numel(layer) == weight.numel():
-                matched[path] = layer
-            else:
-                unmatched.append(path)
-        return matched, unmatched
-
     def _apply(self, name: str) -> None:
         """Bring every module `name` touches to its current coefficient for `name`."""
         entry = self._entries[name]
@@ -296,15 +285,27 @@ class Mixer:
         if not state.contributions:
             weight.copy_(state.base)
             state.updates_since_refresh = 0
-        elif weight.dtype != torch.float32 or state.updates_since_refresh >= REFRESH_EVERY:
-            fused = state.base.to(weight.device, torch.float32)
-            for adapter, coefficient in state.contributions.items():
-                add_scaled(fused, self._entries[adapter].layers[path], coefficient)
-            weight.copy_(fused)
-            state.updates_since_refresh = 0
+        elif (self.reproducible or weight.dtype != torch.float32
+              or state.updates_since_refresh >= REFRESH_EVERY):
+            self._recompute(path, state)
         else:
             add_scaled(weight.data, self._entries[name].layers[path], new - old)
             state.updates_since_refresh += 1
+
+    def _recompute(self, path: str, state: _Module) -> None:
+        """W = base + sum of c_i * delta_i in fp32, adapters in name order: a pure function of
+        the current mix, whatever changes led to it."""
+        weight = state.weight
+        if weight.dtype == torch.float32:
+            fused = weight.data
+            fused.copy_(state.base)
+        else:
+            fused = state.base.to(weight.device, torch.float32, copy=True)
+        for adapter in sorted(state.contributions):
+            add_scaled(fused, self._entries[adapter].layers[path], state.contributions[adapter])
+        if fused is not weight.data:
+            weight.copy_(fused)
+        state.updates_since_refresh = 0
 
     def _describe(self, name: str) -> MixedAdapter:
         entry = self._entries[name]
@@ -327,12 +328,6 @@ class Mixer:
             for name, entry in self._entries.items()
             if entry.weight != 0.0
         }
-
-
-def _layer_numel(layer: Layer) -> int:
-    if isinstance(layer, LoraLayer):
-        return layer.up.shape[0] * layer.down[0].numel()
-    return math.prod(layer.weight_shape)
 
 
 def _merge_module(

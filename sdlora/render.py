@@ -3,9 +3,10 @@
 Flow, top to bottom:
 1. plan (sdlora.render_plan): arguments, prompt rows and adapter names become a list of jobs,
    one per image; every user mistake is reported here, before a model is loaded.
-2. shard: under `accelerate launch` each process takes jobs index % num_processes == rank,
-   and skips jobs whose file exists (so an interrupted run resumes; each image is written
-   once).
+2. shard: under `accelerate launch -m sdlora render ...` (GPUs) or
+   `torchrun --nproc_per_node N -m sdlora render ...` (any machine) each process takes the jobs
+   with index % num_processes == rank, and skips jobs whose file exists (so an interrupted run
+   resumes; each image is written once).
 3. load the base and the adapters into a `Mixer` (all at weight 0), then per job: set the job's
    mix (fused into the weights), build its scheduler, generate with a CPU generator seeded
    with the job's seed (the same noise on any device), write the PNG atomically.
@@ -40,7 +41,8 @@ def render_command(args) -> None:
     out = Path(args.out)
     ensure_writable(out)
 
-    state = PartialState()
+    # Without cpu=True accelerate would not see a torchrun-launched CPU job as distributed.
+    state = PartialState(cpu=not torch.cuda.is_available())
     shard = plan.jobs[state.process_index :: state.num_processes]
     todo = [job for job in shard if not (out / job.filename).exists()]
     if todo:
@@ -49,7 +51,8 @@ def render_command(args) -> None:
             renderer.render(job, out)
     skipped = len(shard) - len(todo)
     where = f" (process {state.process_index + 1}/{state.num_processes})" if state.num_processes > 1 else ""
-    print(f"{len(todo)} images written, {skipped} already there, in {out}{where}", file=sys.stderr)
+    written = f"{len(todo)} image{'' if len(todo) == 1 else 's'} written"
+    print(f"{written}, {skipped} already there, in {out}{where}", file=sys.stderr)
 
     state.wait_for_everyone()
     if state.is_main_process:
@@ -89,7 +92,8 @@ class Renderer:
         self.pipeline = self.base.pipeline.to(device)
         self.pipeline.set_progress_bar_config(disable=True)
         self.scheduler_config = self.pipeline.scheduler.config
-        self.mixer = Mixer(self.pipeline)
+        # reproducible: an image must not depend on which images this process rendered before
+        self.mixer = Mixer(self.pipeline, reproducible=True)
         self.files = plan.adapter_files
         load_into_mixer(self.mixer, plan.adapter_files)
         self.model_hash = model_hash(args.base)
@@ -148,19 +152,11 @@ class Renderer:
 
 
 def load_into_mixer(mixer, files: dict[str, Path], weights: dict[str, float] | None = None) -> None:
-    """Read each adapter file and add it to `mixer`; layers the base lacks are reported."""
-    if not files:
-        return
+    """Read each adapter file and add it to `mixer` (which warns about layers the base lacks)."""
     from sdlora.adapters.read import load_adapter
 
     for name, path in files.items():
-        report = mixer.add(load_adapter(path, name=name), (weights or {}).get(name, 0.0))
-        if report.unmatched:
-            print(
-                f"warning: adapter {name!r}: {len(report.unmatched)} layers match no module "
-                f"of the base and are ignored (first: {report.unmatched[0]})",
-                file=sys.stderr,
-            )
+        mixer.add(load_adapter(path, name=name), (weights or {}).get(name, 0.0))
 
 
 def write_grid(grid, out: Path) -> None:

@@ -56,7 +56,7 @@ def plan_render(args) -> RenderPlan:
     check_size(args.width, args.height, "command line")
     if args.batch < 1 or args.steps < 1:
         raise SdloraError("--batch and --steps must be at least 1")
-    adapter_files, weights = _command_line_adapters(args.lora)
+    adapter_files, weights = adapters_from_specs(args.lora)
     if args.prompts:
         rows = read_prompts(args.prompts)
     else:
@@ -77,7 +77,8 @@ def plan_render(args) -> RenderPlan:
     return _jobs_and_grids(args, rows, weights, grids, adapter_files)
 
 
-def _command_line_adapters(specs: list[str]) -> tuple[dict[str, Path], dict[str, float]]:
+def adapters_from_specs(specs: list[str]) -> tuple[dict[str, Path], dict[str, float]]:
+    """--lora PATH[:WEIGHT] options -> {name: file}, {name: weight}; the name is the file stem."""
     files, weights = {}, {}
     for spec in specs:
         path, weight = parse_lora_spec(spec)

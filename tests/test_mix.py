@@ -108,6 +108,31 @@ def test_random_changes_match_a_fresh_fuse_and_zero_restores_base_exactly(sd1):
         assert torch.equal(after[key], value), key
 
 
+def test_long_slider_sessions_stay_exact_and_reproducible_mode_ignores_history(sd1):
+    base = snapshot(sd1)
+    first, second = random_adapter(sd1, "first", seed=12), random_adapter(sd1, "second", seed=13)
+    mixer = Mixer(sd1)
+    mixer.add(first, 0.3)
+    mixer.add(second)
+    for step in range(70):  # past the periodic refresh from the base copy
+        mixer.set_weights({"second": (step % 7) / 7 - 0.5})
+    mixer.set_weights({"first": 0.0, "second": 0.0})
+    assert all(torch.equal(snapshot(sd1)[key], value) for key, value in base.items())
+
+    def fused_after(history):
+        pipeline = build_tiny_pipeline("sd1")
+        mixer = Mixer(pipeline, reproducible=True)
+        mixer.add(first)
+        mixer.add(second)
+        for weights in history:
+            mixer.set_weights(weights)
+        return snapshot(pipeline)
+
+    direct = fused_after([{"first": 0.4}])
+    roundabout = fused_after([{"second": 0.7}, {"first": -1.0}, {"first": 0.4, "second": 0.0}])
+    assert all(torch.equal(direct[key], roundabout[key]) for key in direct)
+
+
 def test_half_precision_weights_are_recomputed_without_drift():
     pipeline = build_tiny_pipeline("sd1").to(torch.bfloat16)
     base = snapshot(pipeline)

@@ -1,0 +1,60 @@
+"""`sdlora mix`: a weighted mix of adapter files -> one adapter file, or a baked base model.
+
+    --lora PATH[:WEIGHT] ... -> Mixer on the base (weights fused) ->
+        --out FILE [--rank R]  the mix as one kohya-layout adapter: ranks concatenated (exact),
+                               or SVD-reduced to rank R per module (relative error printed)
+        --bake DIR             the base with the mix fused in, a diffusers folder
+
+Outputs never replace a folder that holds files; a mistake in the arguments is reported before
+the base is loaded.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from sdlora.errors import SdloraError
+from sdlora.render import ensure_writable, load_into_mixer
+from sdlora.render_plan import adapters_from_specs
+
+
+def mix_command(args) -> None:
+    from sdlora.mix import Mixer
+    from sdlora.models import load_base
+
+    files, weights = adapters_from_specs(args.lora)
+    if args.rank is not None and (args.out is None or args.rank < 1):
+        raise SdloraError("--rank takes a positive number and goes with --out")
+    if args.out is not None:
+        out = Path(args.out)
+        if out.suffix != ".safetensors":
+            raise SdloraError(f"--out {args.out!r} must end in .safetensors")
+        ensure_writable(out.parent)
+    else:
+        out = Path(args.bake)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise SdloraError(f"--bake folder {args.bake!r} already exists and is not empty")
+        ensure_writable(out)
+
+    base = load_base(args.base)
+    mixer = Mixer(base.pipeline)
+    load_into_mixer(mixer, files, weights)
+    if args.bake is not None:
+        mixer.bake(out)
+        print(f"baked {_describe(weights)} into {out}", file=sys.stderr)
+        return
+
+    from sdlora.adapters.write import save_adapter
+
+    adapter, error = mixer.merged_adapter(rank=args.rank, name=out.stem)
+    save_adapter(adapter, out)
+    ranks = sorted({layer.rank for layer in adapter.layers.values()})
+    rank_text = f"rank {ranks[-1]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    print(f"wrote {out}: {_describe(weights)}, {len(adapter.layers)} layers, {rank_text}", file=sys.stderr)
+    if args.rank is not None:
+        print(f"SVD relative error: {error:.6f}")
+
+
+def _describe(weights: dict[str, float]) -> str:
+    return " + ".join(f"{weight:g} x {name}" for name, weight in weights.items())
