@@ -77,7 +77,7 @@ def test_sdxl_text_encoder_training_writes_ldm_names_for_both_encoders(tiny_sdxl
 
 
 def interrupt_at(step_to_stop):
-    def on_step(step):
+    def on_step(step, loss):
         if step == step_to_stop:
             raise KeyboardInterrupt
 

@@ -47,7 +47,9 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 def train(config: Config, resume: str | None = None, on_step=None) -> Path:
     """Train the adapter that `config` describes; returns the adapter file's path.
 
-    `on_step(step)`, when given, is called after each optimizer step (benchmarks time it).
+    `on_step(step, loss)`, when given, is called after each optimizer step (a benchmark times
+    it, the web UI shows it); raising KeyboardInterrupt from it stops the run like Ctrl-C:
+    a checkpoint is saved, then the KeyboardInterrupt propagates.
     """
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
                               cpu=launched_on_cpus())
@@ -213,10 +215,10 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if on_step is not None:
-                on_step(step)
-
             loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            if on_step is not None:
+                on_step(step, loss_value)
+
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.2e}")
             output.log_scalars(step, loss=loss_value, lr=lr_schedule.get_last_lr()[0])
