@@ -35,7 +35,7 @@ def test_generates_missing_images_and_redoes_a_lost_one_identically(sd1_pipeline
     stamps = {p.name: p.stat().st_mtime_ns for p in paths}
 
     paths[1].unlink()
-    (folder / ".class_00001.png.partial").write_bytes(b"left by a killed run")
+    (folder / ".class_00001.png.x1y2z3.tmp").write_bytes(b"left by a killed run")
     again = ensure_class_images(sd1_pipeline, folder, "a photo of a dog", 3, batch_size=2, **SMALL)
     assert again == paths
     assert sorted(p.name for p in folder.iterdir()) == sorted(before)

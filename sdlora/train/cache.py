@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from sdlora.train.checkpoints import atomic_write
+from sdlora.files import atomic_write
 from sdlora.train.conditioning import TextEmbedding
 
 

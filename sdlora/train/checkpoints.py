@@ -7,14 +7,13 @@ only and is read back with `torch.load(weights_only=True)`, which never runs pic
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from sdlora.errors import SdloraError
+from sdlora.files import atomic_write
 
 _NAME = re.compile(r"step-(\d{6,})\.pt")
 
@@ -30,26 +29,6 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.fullmatch(p.name))]
     return sorted(found)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(temp_path) and rename the result onto `path`; on any failure remove the temp."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp)
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def save_checkpoint(output_dir: str | Path, step: int, state: dict, keep: int) -> Path:

@@ -16,15 +16,13 @@ Generation is reproducible and resumable:
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from sdlora.files import atomic_write
 from sdlora.train.dataset import scan_images
-
-TEMP_SUFFIX = ".partial"
 
 
 def class_image_name(index: int) -> str:
@@ -58,7 +56,7 @@ def ensure_class_images(
     """
     class_dir = Path(class_dir)
     class_dir.mkdir(parents=True, exist_ok=True)
-    for stale in class_dir.glob(f".class_*{TEMP_SUFFIX}"):  # left by a killed run
+    for stale in class_dir.glob(".class_*.tmp"):  # left by a killed run
         stale.unlink()
     usable = {scanned.path.name for scanned in scan_images(class_dir, "class_dir", allow_empty=True).images}
     missing = _missing_indices(usable, num_images)
@@ -104,18 +102,9 @@ def _generate(pipeline, class_dir, prompt, missing, num_images, batch_size, seed
             ).images
             for index, image in zip(indices, images, strict=True):
                 if index in wanted:
-                    _save_atomically(image, class_dir / class_image_name(index))
+                    atomic_write(class_dir / class_image_name(index),
+                                 lambda temp, im=image: im.save(temp, format="PNG"))
                     progress.update(1)
     finally:
         progress.close()
         pipeline._progress_bar_config = previous_bar_config
-
-
-def _save_atomically(image, path: Path) -> None:
-    """Write to a hidden temp name (invisible to `scan_images`), then rename into place."""
-    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
-    try:
-        image.save(temp, format="PNG")
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from sdlora.adapters.metadata import training_metadata
 from sdlora.adapters.write import save_adapter
 from sdlora.errors import SdloraError
+from sdlora.files import atomic_write
 from sdlora.train import checkpoints
-from sdlora.train.checkpoints import atomic_write
 from sdlora.train.validation import Validator
 
 OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

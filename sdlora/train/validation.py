@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from sdlora.files import atomic_write
 from sdlora.grid import labelled_grid
-from sdlora.train.checkpoints import atomic_write
 from sdlora.train.conditioning import TextEmbedding
 
 
