@@ -226,15 +226,18 @@ def ldm_unet_names(modules: list[str]) -> dict[str, str] | None:
     diffusers' kohya loader drops every LDM key of a file that mixes both spellings, so a file is
     written either all LDM or all diffusers.
     """
-    names = {module: diffusers_to_ldm_unet(module) for module in modules}
-    if any(name is None for name in names.values()):
-        return None
-    return names  # type: ignore[return-value]
+    names = {}
+    for module in modules:
+        name = diffusers_to_ldm_unet(module)
+        if name is None:
+            return None
+        names[module] = name
+    return names
 
 
 # ---- splitting a file key into (module key, parameter) ---------------------------------------
 
-# File key suffix -> parameter name inside a layer. Order matters: longer suffixes first.
+# File key suffix -> parameter name inside a layer.
 PARAMETER_SUFFIXES = (
     (".lora_down.weight", "down"),
     (".lora_up.weight", "up"),

@@ -16,6 +16,7 @@ import logging
 import math
 import re
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,48 +52,67 @@ def load_adapter(path: str | Path, name: str | None = None) -> Adapter:
 
 
 def read_adapter_file(path: str | Path, name: str | None = None) -> AdapterFile:
+    """Read `path` and also tell its layout and the keys that hold no LoRA weights."""
     path = Path(path)
-    tensors, metadata = _read_safetensors(path)
-    grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    ignored = []
-    for key, tensor in tensors.items():
-        split = keys.split_key(key)
-        if split is None:
-            ignored.append(key)
-        else:
-            grouped[split[0]][split[1]] = tensor
-    if not any(_holds_weights(params) for params in grouped.values()):
-        example = next(iter(tensors), "none")
-        raise SdloraError(
-            f"not a LoRA adapter: {path} has no LoRA, LoHa or LoKr weights (first key: {example!r})"
-        )
+    with _open_safetensors(path) as handle:
+        metadata = dict(handle.metadata() or {})
+        grouped, ignored = _group_keys(handle.keys())
+        if not grouped:
+            example = next(iter(handle.keys()), "none")
+            raise SdloraError(
+                f"not a LoRA adapter: {path} has no LoRA, LoHa or LoKr weights "
+                f"(first key: {example!r})"
+            )
+        # Only LoRA tensors are loaded: a checkpoint passed by mistake is refused before that.
+        tensors = {
+            layer_path: {parameter: handle.get_tensor(key) for parameter, key in params.items()}
+            for layer_path, params in grouped.items()
+        }
     peft_alphas = _PeftAlphas(metadata.get(PEFT_CONFIG_KEY))
-    layers: dict[str, Layer] = {}
-    for module_key, params in grouped.items():
-        if not _holds_weights(params):
-            ignored.extend(f"{module_key}.{parameter}" for parameter in params)
-            continue
-        layer_path = keys.module_key_to_path(module_key)
-        default_alpha = peft_alphas.alpha(layer_path, params)
-        layers[layer_path] = _build_layer(layer_path, params, default_alpha)
-    layout = _layout(tensors)
+    layers = {
+        layer_path: _build_layer(layer_path, params, peft_alphas.alpha(layer_path, params))
+        for layer_path, params in tensors.items()
+    }
+    file_keys = [key for params in grouped.values() for key in params.values()]
+    layout = _layout(file_keys)
     if layout != "kohya":
         _unfold_alphas(layers, metadata.get(FOLDED_ALPHA_KEY))
     if ignored:
         logger.warning(
             "%s: ignored %d keys that hold no LoRA weights, e.g. %s", path, len(ignored), ignored[0]
         )
-    raw_module_keys = list(grouped)
     adapter = Adapter(
         name=name or path.stem,
         layers=layers,
-        family=detect_family(layers, metadata, raw_module_keys),
+        family=detect_family(layers, metadata, file_keys),
         metadata=metadata,
     )
     return AdapterFile(adapter=adapter, layout=layout, ignored_keys=ignored)
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _group_keys(names: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """File keys -> {layer path: {parameter: key}}, and the keys that belong to no layer."""
+    by_module: dict[str, dict[str, str]] = defaultdict(dict)
+    ignored = []
+    for key in names:
+        split = keys.split_key(key)
+        if split is None:
+            ignored.append(key)
+        else:
+            by_module[split[0]][split[1]] = key
+    grouped = {}
+    for module_key, params in by_module.items():
+        path = keys.module_key_to_path(module_key)
+        if path is None or not _holds_weights(params):
+            ignored.extend(params.values())  # e.g. an alpha whose weights were pruned
+        else:
+            grouped[path] = params
+    return grouped, ignored
+
+
+@contextmanager
+def _open_safetensors(path: Path):
+    """safe_open, with pickle files refused by name and damaged files as one-line errors."""
     from safetensors import SafetensorError, safe_open
 
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -104,26 +124,23 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise SdloraError(f"adapter file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            names = handle.keys()  # the handle itself is not iterable
-            tensors = {key: handle.get_tensor(key) for key in names}
+            yield handle
     except (SafetensorError, OSError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SdloraError(
             f"cannot read {path}: not a complete safetensors file ({reason}); "
             "download it again or re-export it"
         ) from error
-    return tensors, metadata
 
 
 def _holds_weights(params: dict[str, torch.Tensor]) -> bool:
     return any(parameter != "alpha" for parameter in params)
 
 
-def _layout(tensors: dict[str, torch.Tensor]) -> str:
-    if any(key.startswith("lora_") for key in tensors):
+def _layout(file_keys: list[str]) -> str:
+    if any(key.startswith("lora_") for key in file_keys):
         return "kohya"
-    if any(".lora_A." in key for key in tensors):
+    if any(".lora_A." in key for key in file_keys):
         return "diffusers"
     return "diffusers (legacy)"
 
@@ -236,30 +253,23 @@ def _unfold_alphas(layers: dict[str, Layer], folded: str | None) -> None:
 
 
 def detect_family(
-    layers: dict[str, Layer], metadata: dict[str, str], module_keys: list[str]
+    layers: dict[str, Layer], metadata: dict[str, str], file_keys: list[str]
 ) -> str | None:
     """sd1 / sd2 / sdxl from the metadata, else the keys, else the layer widths; None if unknown."""
     family = family_from_metadata(metadata)
     if family:
         return family
-    if any(path.startswith("text_encoder_2.") for path in layers) or any(
-        key.startswith(("lora_te1_", "lora_te2_")) for key in module_keys
-    ):
+    second_text_encoder = any(path.startswith("text_encoder_2.") for path in layers)
+    if second_text_encoder or any(key.startswith("lora_te1_") for key in file_keys):
         return "sdxl"
     for path, layer in layers.items():
         width = _in_features(layer)
-        if (
-            path.startswith("unet.")
-            and path.endswith("attn2.to_k")
-            and width in _FAMILY_BY_CROSS_ATTENTION
-        ):
-            return _FAMILY_BY_CROSS_ATTENTION[width]
-        if (
-            path.startswith("text_encoder.")
-            and path.endswith("q_proj")
-            and width in _FAMILY_BY_TEXT_WIDTH
-        ):
-            return _FAMILY_BY_TEXT_WIDTH[width]
+        if path.startswith("unet.") and path.endswith("attn2.to_k"):
+            family = _FAMILY_BY_CROSS_ATTENTION.get(width)
+        elif path.startswith("text_encoder.") and path.endswith("q_proj"):
+            family = _FAMILY_BY_TEXT_WIDTH.get(width)
+        if family:
+            return family
     return family_from_model_name(metadata)
 
 

@@ -3,14 +3,16 @@
     kohya      lora_unet_* / lora_te_* (SD 1.x/2.x) or lora_te1_*/lora_te2_* (SDXL), each with
                .lora_down.weight, .lora_up.weight and a 0-dim .alpha; SDXL UNet modules under
                the LDM names kohya's SDXL trainer uses. All LoRA layers share one alpha (the
-               most common); a layer with another alpha has the ratio folded into lora_up. LoHa/LoKr layers are written with
-               LyCORIS keys (hada_w1_a..., lokr_w1/lokr_w2 + alpha) under the same names.
-               AUTOMATIC1111, ComfyUI, Forge, InvokeAI and diffusers load it.
+               most common); a layer with another alpha has the ratio folded into lora_up.
+               LoHa/LoKr layers get LyCORIS keys (hada_w1_a..., lokr_w1/lokr_w2) under the
+               same names. AUTOMATIC1111, ComfyUI, Forge, InvokeAI and diffusers load it.
     diffusers  unet.<module>.lora_A.weight / lora_B.weight (and text_encoder., text_encoder_2.).
                alpha / rank is folded into lora_B, so alpha == rank on disk and every loader
                computes the same update; the original alpha is kept in metadata
                (sdlora.folded_alpha) so reading the file back restores it. LoRA layers only.
 
+Text-encoder modules are always named with "text_model." (as every tool expects), whichever
+spelling the adapter's paths use (see keys.canonical_path).
 The file appears atomically: it is written to a temporary file beside the target and renamed,
 so an interrupted or failed save never leaves a partial adapter behind.
 """
