@@ -208,3 +208,51 @@ def test_two_processes_train_one_adapter_written_once(tiny_sd1, tmp_path):
                                                      "style.safetensors"]
     assert not list(out.rglob("*.tmp"))
     assert len(load_adapter(out / "style.safetensors").layers) > 0
+
+
+@pytest.mark.parametrize(
+    ("targets", "train_options", "expected_key"),
+    [
+        ("transformer", {"mixed_precision": "bf16"}, "lora_unet_down_blocks_0_attentions_0_proj_in"),
+        ("full", {"gradient_checkpointing": True, "gradient_accumulation": 2},
+         "lora_unet_down_blocks_0_resnets_0_conv1"),
+    ],
+)
+def test_target_presets_and_loop_options(tiny_sd1, tmp_path, targets, train_options, expected_key):
+    config = tiny_config(tiny_sd1, tmp_path, lora={"targets": targets, "text_encoder": True},
+                         train={"steps": 2, **train_options})
+    tensors, _ = adapter_tensors(train(config))
+    assert f"{expected_key}.lora_down.weight" in tensors
+    if targets == "full":  # LoCon: 3x3 convs keep their kernel in the down matrix
+        assert tensors[f"{expected_key}.lora_down.weight"].shape[-2:] == (3, 3)
+
+
+def test_loraplus_and_text_encoder_learning_rates():
+    from sdlora.train.lora import parameter_groups
+
+    unet, text = torch.nn.Module(), torch.nn.Module()
+    unet.lora_A = torch.nn.Parameter(torch.zeros(1))
+    unet.lora_B = torch.nn.Parameter(torch.zeros(1))
+    text.lora_A = torch.nn.Parameter(torch.zeros(1))
+    groups = parameter_groups({"unet": unet, "text_encoder": text}, 1e-4, 5e-5, 16.0)
+    rates = sorted(group["lr"] for group in groups)
+    assert rates == pytest.approx([5e-5, 1e-4, 1.6e-3])
+
+
+def test_adamw8bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
+    import builtins
+
+    from sdlora.train.loop import make_optimizer
+
+    real_import = builtins.__import__
+
+    def no_bitsandbytes(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
+    config = from_dict({"base": "x", "data": {"instance_dir": "d", "instance_prompt": "p"},
+                        "train": {"optimizer": "adamw8bit"}})
+    with pytest.raises(SdloraError, match="pip install bitsandbytes"):
+        make_optimizer(config, [{"params": [torch.nn.Parameter(torch.zeros(1))]}])

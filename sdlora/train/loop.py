@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
 from sdlora.errors import SdloraError
@@ -51,6 +52,8 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
     it, the web UI shows it); raising KeyboardInterrupt from it stops the run like Ctrl-C:
     a checkpoint is saved, then the KeyboardInterrupt propagates.
     """
+    # A process may train several times (the web UI does); each run chooses its own precision.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
                               cpu=launched_on_cpus())
     main = accelerator.is_main_process

@@ -129,5 +129,10 @@ class OutputWriter:
             seed=config.train.seed,
             num_train_images=data.num_instance_images if data is not None else None,
         )
-        save_adapter(adapter, path, layout=config.output.format,
-                     dtype=OUTPUT_DTYPES[config.output.dtype], metadata=metadata)
+        try:
+            save_adapter(adapter, path, layout=config.output.format,
+                         dtype=OUTPUT_DTYPES[config.output.dtype], metadata=metadata)
+        except OSError as error:
+            found = checkpoints.list_checkpoints(self.dir)
+            kept = f"; the last checkpoint {found[-1][1]} is intact" if found else ""
+            raise SdloraError(f"could not write {path} ({error.strerror or error}){kept}") from error
