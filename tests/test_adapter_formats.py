@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+from factories import random_adapter
 from safetensors.torch import save_file
 
 from sdlora.adapters import keys
 from sdlora.adapters.core import LohaLayer, LokrLayer
+from sdlora.adapters.metadata import family_from_metadata, training_metadata, trigger_words
 from sdlora.adapters.read import load_adapter, match_to_base, read_adapter_file
 from sdlora.errors import SdloraError
 from sdlora.tiny import build_tiny_pipeline
@@ -270,3 +272,47 @@ def lora_pair(name: str, in_features: int, out_features: int = 8) -> dict[str, t
 )  # fmt: skip
 def test_family_from_metadata_keys_or_widths(tmp_path, tensors, metadata, family):
     assert load_adapter(write(tmp_path, tensors, metadata)).family == family
+
+
+def test_sdxl_kohya_file_with_diffusers_unet_names(tmp_path):
+    """diffusers' SDXL training script writes kohya prefixes with diffusers UNet names."""
+    pipeline = build_tiny_pipeline("sdxl")
+    original = random_adapter(pipeline, rank=2, alpha=1.0, convs=True)
+    tensors = {}
+    for path, layer in original.layers.items():
+        name = keys.path_to_kohya_name(keys.canonical_path(path), sdxl=True)
+        tensors[f"{name}.lora_down.weight"] = layer.down
+        tensors[f"{name}.lora_up.weight"] = layer.up
+    assert any(key.startswith("lora_unet_down_blocks_") for key in tensors)
+    adapter = load_adapter(write(tmp_path, tensors))
+    assert adapter.family == "sdxl"
+    assert match_to_base(adapter, pipeline, "sdxl").unmatched == []
+    assert sorted(adapter.layers) == sorted(original.layers)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_training_metadata_is_strings_that_declare_the_family(family):
+    config = {"lora": {"rank": 16, "alpha": 8}, "train": {"steps": 1000}}
+    metadata = training_metadata(
+        family=family,
+        rank=16,
+        alpha=8.0,
+        resolution=512,
+        max_train_steps=1000,
+        base_model="some/base",
+        output_name="oil",
+        trigger_words=["sks"],
+        tag_frequency={"data": {"sks": 3}},
+        config=config,
+    )
+    assert all(isinstance(value, str) for value in metadata.values())
+    assert metadata["ss_network_module"] == "networks.lora"
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("16", "8")
+    assert json.loads(metadata["sdlora.config"]) == config
+    assert json.loads(metadata["ss_tag_frequency"]) == {"data": {"sks": 3}}
+    assert trigger_words(metadata) == ["sks"]
+    assert family_from_metadata(metadata) == family
+    # kohya-aware tools read ss_base_model_version alone
+    assert (
+        family_from_metadata({"ss_base_model_version": metadata["ss_base_model_version"]}) == family
+    )
