@@ -8,13 +8,11 @@ fusing at a scale proves alpha and scale survive the trip.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
-import warnings
 
 import pytest
 import torch
+from consumers import assert_diffusers_fuses_every_layer
 
 from sdlora.adapters.core import Adapter, LoraLayer
 from sdlora.adapters.write import save_adapter
@@ -60,29 +58,6 @@ def every_module_adapter(pipeline, family: str, text_encoder: bool) -> Adapter:
     return Adapter(name="every-module", layers=layers, family=family)
 
 
-@contextlib.contextmanager
-def collected_warnings():
-    """Warnings from diffusers/peft/transformers loggers and from `warnings.warn`."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            messages.append(record.getMessage())
-
-    handler = Collect(level=logging.WARNING)
-    loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield messages
-        messages.extend(str(warning.message) for warning in caught)
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
-
-
 @pytest.fixture(scope="module")
 def pipelines(tiny_sd1, tiny_sdxl):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -99,48 +74,10 @@ def pipelines(tiny_sd1, tiny_sdxl):
 def test_diffusers_loads_every_key_and_fuses_the_same_update(
     pipelines, tmp_path, family, layout, text_encoder
 ):
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
     pipeline = copy.deepcopy(pipelines[family])
     adapter = every_module_adapter(pipeline, family, text_encoder)
     path = save_adapter(
         adapter, tmp_path / "adapter.safetensors", layout=layout, dtype=torch.float32
     )
-    components = ["unet", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
-    base_weights = {
-        f"{component}.{name}": module.weight.detach().clone()
-        for component in components
-        for name, module in getattr(pipeline, component).named_modules()
-        if f"{component}.{name}" in adapter.layers
-    }
-
-    with collected_warnings() as messages:
-        pipeline.load_lora_weights(str(path))
-    # diffusers notes each text encoder that gets no LoRA; any other note is a key it did not use.
-    absent = [c for c in components if not adapter.component_layers(c)]
-    expected = [
-        f"No LoRA keys associated to {type(getattr(pipeline, c)).__name__} found with the prefix='{c}'"
-        for c in absent
-    ]
-    unexpected = [m for m in messages if not m.startswith(tuple(expected))]
-    assert not [m for m in unexpected if "key" in m.lower() or "lora" in m.lower()], unexpected
-
-    for component in components:
-        injected = [
-            m for m in getattr(pipeline, component).modules() if isinstance(m, BaseTunerLayer)
-        ]
-        assert len(injected) == len(adapter.component_layers(component)), component
-
-    pipeline.fuse_lora(components=components, lora_scale=LORA_SCALE)
-    names = list(base_weights)
-    fused = [pipeline_module(pipeline, name).weight.detach().flatten() for name in names]
-    expected = [
-        (base_weights[name] + LORA_SCALE * adapter.layers[name].delta()).flatten() for name in names
-    ]
-    # One comparison over all modules (per-module calls cost seconds on a busy 2-core machine).
-    torch.testing.assert_close(torch.cat(fused), torch.cat(expected), atol=1e-4, rtol=1e-4)
-
-
-def pipeline_module(pipeline, path: str) -> torch.nn.Module:
-    component, name = path.split(".", 1)
-    return getattr(pipeline, component).get_submodule(name)
+    assert_diffusers_fuses_every_layer(pipeline, path, adapter, LORA_SCALE)

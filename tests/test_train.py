@@ -256,3 +256,22 @@ def test_adamw8bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
                         "train": {"optimizer": "adamw8bit"}})
     with pytest.raises(SdloraError, match="pip install bitsandbytes"):
         make_optimizer(config, [{"params": [torch.nn.Parameter(torch.zeros(1))]}])
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_trained_adapter_loads_in_diffusers_with_every_key_used(family, tiny_sd1, tiny_sdxl,
+                                                                tmp_path):
+    from consumers import assert_diffusers_fuses_every_layer
+    from diffusers import DiffusionPipeline
+
+    from sdlora.adapters.read import match_to_base
+
+    base = tiny_sd1 if family == "sd1" else tiny_sdxl
+    config = tiny_config(base, tmp_path, lora={"text_encoder": True, "rank": 4, "alpha": 3},
+                         train={"steps": 2, "learning_rate": 1e-2})
+    path = train(config)
+    pipeline = DiffusionPipeline.from_pretrained(base)
+    adapter = load_adapter(path)
+    match_to_base(adapter, pipeline, family)
+    assert {p.split(".")[0] for p in adapter.layers} >= {"unet", "text_encoder"}
+    assert_diffusers_fuses_every_layer(pipeline, path, adapter, scale=0.8)
