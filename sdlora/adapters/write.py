@@ -20,8 +20,6 @@ so an interrupted or failed save never leaves a partial adapter behind.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from sdlora.adapters.core import Adapter, Layer, LohaLayer, LokrLayer, LoraLayer
 from sdlora.adapters.metadata import FAMILY_KEY
 from sdlora.adapters.read import FOLDED_ALPHA_KEY, PEFT_CONFIG_KEY
 from sdlora.errors import SdloraError
+from sdlora.files import atomic_write
 
 LAYOUTS = ("kohya", "diffusers")
 
@@ -68,7 +67,10 @@ def save_adapter(
     not_strings = [key for key, value in merged.items() if not isinstance(value, str)]
     if not_strings:
         raise ValueError(f"adapter metadata values must be strings; not for {not_strings}")
-    return _write_atomically(tensors, merged, Path(path))
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda temp: save_file(tensors, temp, metadata=merged))
+    return Path(path)
 
 
 def kohya_state_dict(adapter: Adapter, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -149,20 +151,3 @@ def diffusers_state_dict(
 def _stored(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # safetensors needs contiguous tensors that own their memory (no shared storage).
     return tensor.detach().to("cpu", dtype).contiguous().clone()
-
-
-def _write_atomically(
-    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path
-) -> Path:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
