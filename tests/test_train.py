@@ -275,3 +275,33 @@ def test_trained_adapter_loads_in_diffusers_with_every_key_used(family, tiny_sd1
     match_to_base(adapter, pipeline, family)
     assert {p.split(".")[0] for p in adapter.layers} >= {"unet", "text_encoder"}
     assert_diffusers_fuses_every_layer(pipeline, path, adapter, scale=0.8)
+
+
+def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tiny_sd1, tmp_path, monkeypatch):
+    import errno
+
+    import sdlora.train.checkpoints as checkpoints
+
+    config = tiny_config(tiny_sd1, tmp_path, train={"steps": 4}, checkpoint={"every": 2},
+                         output={"tensorboard": True})
+    real_save = checkpoints.torch.save
+
+    def save_then_fill_disk(state, path):
+        if state["step"] == 2:
+            return real_save(state, path)
+        with open(path, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.torch, "save", save_then_fill_disk)
+    train(config)  # step 4 is the last step: no checkpoint, the adapter is written
+    assert list((tmp_path / "out" / "logs").glob("events.out.tfevents.*"))
+
+    config = tiny_config(tiny_sd1, tmp_path / "again", train={"steps": 6},
+                         checkpoint={"every": 2})
+    with pytest.raises(SdloraError, match="No space left.*last good checkpoint is .*step-000002.pt"):
+        train(config)
+    folder = tmp_path / "again" / "out" / "checkpoints"
+    assert [p.name for p in folder.glob("step-*.pt")] == ["step-000002.pt"]
+    assert not list(folder.glob(".*.tmp"))
+    assert checkpoints.load_checkpoint(folder / "step-000002.pt")["step"] == 2
