@@ -118,7 +118,7 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
         vae.encoder = None
     if text_cache is not None and not config.data.shuffle_tags:
         # Captions are a fixed set (dropout only adds ""): encode them all, free the encoders.
-        text_cache.batch([data.dataset.caption(i, 0) for i in range(len(data.dataset))] + [""])
+        text_cache.batch([sample.caption for sample in data.dataset.samples] + [""])
         for name in family.text_encoders:
             setattr(pipeline, name, None)  # validation passes embeddings, never text
         text_encoders.clear()
