@@ -50,6 +50,12 @@ def _demo(args: argparse.Namespace) -> None:
     demo_command(args)
 
 
+def _ui(args: argparse.Namespace) -> None:
+    from sdlora.ui import ui_command
+
+    ui_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdlora", description="Train and mix Stable Diffusion LoRA adapters."
@@ -106,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train two styles on the tiny base and render a grid")
     demo.add_argument("--out", default="out/demo")
     demo.set_defaults(handler=_demo)
+
+    from sdlora.ui import add_arguments as add_ui_arguments
+
+    ui = commands.add_parser("ui", help="open the web UI (the same as python app.py)")
+    add_ui_arguments(ui)
+    ui.set_defaults(handler=_ui)
     return parser
 
 

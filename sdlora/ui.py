@@ -1,0 +1,116 @@
+"""The web UI: `python app.py` or `sdlora ui`, a Gradio app with a Generate and a Train tab.
+
+    arguments -> Folders (what browsers may reach) -> Studio (base + mixer) and Trainer
+    -> build_app: the base chooser, then the tabs (sdlora.ui_generate_tab, sdlora.ui_train_tab)
+    -> launch on 127.0.0.1 unless --host says otherwise, behind --auth when given
+
+The UI holds no logic of its own: generation is `Studio.generate` (the mixer under a lock),
+training is `Trainer.start` (the training loop in a thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sdlora.errors import SdloraError
+
+if TYPE_CHECKING:  # the heavy modules load when the UI starts, not with every `sdlora` command
+    from sdlora.ui_folders import Folders
+    from sdlora.ui_studio import Studio
+    from sdlora.ui_training import Trainer
+
+TITLE = "sdlora"
+# Generations wait on Studio.lock, not on Gradio's queue, so a slow one does not hold up the
+# other events (refresh, training progress, the render command).
+CONCURRENCY = 4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", default="demo",
+                        help="base model: hub id, diffusers folder, .safetensors or 'demo'")
+    parser.add_argument("--adapters-dir", default="adapters",
+                        help="adapters offered for mixing; trained adapters are written here")
+    parser.add_argument("--models-dir", help="folder of local base models users may choose")
+    parser.add_argument("--data-dir", help="folder of training image folders users may name")
+    parser.add_argument("--configs-dir", default="configs", help="preset training configs")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (0.0.0.0 shares the UI on the network)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--auth", metavar="USER:PASSWORD", help="require this login")
+
+
+def folders_from_args(args: argparse.Namespace) -> Folders:
+    from sdlora.ui_folders import Folders
+
+    adapters = Path(args.adapters_dir)
+    try:
+        adapters.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SdloraError(f"--adapters-dir {adapters}: {error.strerror or error}") from None
+    optional = {}
+    for key in ("models_dir", "data_dir"):
+        value = getattr(args, key)
+        if value is not None and not Path(value).is_dir():
+            raise SdloraError(f"--{key.replace('_', '-')} {value} is not a folder")
+        optional[key.removesuffix("_dir")] = Path(value) if value else None
+    return Folders(adapters=adapters, configs=Path(args.configs_dir), default_base=args.base,
+                   **optional)
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if text is None:
+        return None
+    user, colon, password = text.partition(":")
+    if not colon or not user or not password:
+        raise SdloraError("--auth must look like user:password")
+    return user, password
+
+
+def build_app(folders: Folders, studio: Studio, trainer: Trainer):
+    """The Gradio Blocks over one studio and one trainer (shared by every browser)."""
+    import gradio as gr
+
+    from sdlora.ui_generate_tab import generate_tab
+    from sdlora.ui_train_tab import train_tab
+
+    with gr.Blocks(title=TITLE) as app:
+        gr.Markdown(f"# {TITLE}\nMix LoRA adapters with a slider each, or train a new one.")
+        base = gr.Dropdown(folders.base_choices(), value=folders.default_base,
+                           allow_custom_value=True, label="Base model", elem_id="base",
+                           info="a model from the models folder, or a hub id")
+        with gr.Tab("Generate"):
+            adapters = generate_tab(folders, studio, base)
+        with gr.Tab("Train"):
+            train_tab(folders, trainer, base, adapters)
+        app.load(adapters.refresh, [adapters.box], adapters.outputs)
+    app.queue(default_concurrency_limit=CONCURRENCY)
+    return app
+
+
+def launch(app, studio: Studio, host: str, port: int, auth: tuple[str, str] | None = None,
+           block: bool = True):
+    """Serve `app` (only the studio's images as files); block=False returns at once (tests)."""
+    from sdlora.ui_training import MAX_UPLOAD_BYTES
+
+    return app.launch(
+        server_name=host,
+        server_port=port,
+        auth=auth,
+        max_file_size=MAX_UPLOAD_BYTES,
+        allowed_paths=[str(studio.output_dir)],
+        prevent_thread_lock=not block,
+        quiet=not block,
+        footer_links=[],
+    )
+
+
+def ui_command(args: argparse.Namespace) -> None:
+    from sdlora.ui_studio import Studio
+    from sdlora.ui_training import Trainer
+
+    auth = parse_auth(args.auth)
+    folders = folders_from_args(args)
+    studio = Studio(folders)
+    launch(build_app(folders, studio, Trainer(folders)), studio, args.host, args.port, auth)

@@ -1,0 +1,59 @@
+"""The web UI in a real browser: tick an adapter, move its slider, generate, compare images."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from conftest import ARTIFACTS
+from PIL import Image
+
+
+def set_number(page, element_id: str, value) -> None:
+    """Type into a slider's or number's box and leave it, as a user does."""
+    box = page.locator(f"#{element_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def generate(page) -> np.ndarray:
+    """Click Generate and return the pixels of the image the gallery then shows."""
+    image = page.locator("#gallery img").first
+    before = image.get_attribute("src") if image.count() else None
+    page.locator("#generate").click()
+    page.wait_for_function(
+        "before => { const img = document.querySelector('#gallery img');"
+        " return img && img.complete && img.naturalWidth > 0 && img.src !== before; }",
+        arg=before,
+    )
+    response = page.request.get(page.locator("#gallery img").first.get_attribute("src"))
+    assert response.ok
+    return np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB"))
+
+
+def test_slider_weight_changes_the_generated_image(page):
+    page.get_by_label("oil").check()
+    page.locator("#weight-oil").wait_for()
+    page.locator("#prompt textarea").fill("a lighthouse")
+    page.locator("#add-words-oil").click()
+    page.wait_for_function(
+        "() => document.querySelector('#prompt textarea').value === 'a lighthouse, sks, oil paint'"
+    )
+    for element_id, value in (("steps", 3), ("width", 64), ("height", 64), ("seed", 7)):
+        set_number(page, element_id, value)
+
+    set_number(page, "weight-oil", 0)
+    at_zero = generate(page)
+    assert "<lora:oil" not in page.locator("#settings textarea").input_value()
+    set_number(page, "weight-oil", 1)
+    at_one = generate(page)
+    settings = page.locator("#settings textarea").input_value()
+    assert "<lora:oil:1>" in settings and "Seed: 7" in settings and "Size: 64x64" in settings
+
+    assert at_zero.shape == at_one.shape == (64, 64, 3)
+    assert np.abs(at_zero.astype(int) - at_one.astype(int)).max() > 0
+
+    page.locator("#show-command").click()
+    page.locator("#command").get_by_text("sdlora render").wait_for()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui-generate.png"), full_page=True)
