@@ -92,6 +92,16 @@ def _block_keys(module_name: str) -> list[str]:
     return []
 
 
+def _finite(value, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise SdloraError(f"{what} must be a finite number, not {value!r}")
+    return number
+
+
 def add_scaled(target: torch.Tensor, layer: Layer, coefficient: float) -> None:
     """target += coefficient * layer.delta, without materializing a LoRA's dense delta."""
     if isinstance(layer, LoraLayer) and target.is_contiguous():
@@ -163,8 +173,9 @@ class Mixer:
         with self.lock:
             for name, weight in weights.items():
                 entry = self._entry(name)
-                if float(weight) != entry.weight:
-                    entry.weight = float(weight)
+                weight = _finite(weight, f"weight of {name!r}")
+                if weight != entry.weight:
+                    entry.weight = weight
                     self._apply(name)
 
     def set_component_weights(self, name: str, weights: Mapping[str, float]) -> None:
@@ -173,7 +184,9 @@ class Mixer:
         if unknown:
             raise SdloraError(f"unknown component {unknown[0]!r}; expected one of {COMPONENTS}")
         with self.lock:
-            self._entry(name).component_weights = {k: float(v) for k, v in weights.items()}
+            self._entry(name).component_weights = {
+                key: _finite(value, f"{key} weight of {name!r}") for key, value in weights.items()
+            }
             self._apply(name)
 
     def set_block_weights(self, name: str, weights: Mapping[str, float]) -> None:
@@ -189,7 +202,9 @@ class Mixer:
                     f"unknown UNet block {key!r}; expected down, mid, up, down.N or up.N"
                 )
         with self.lock:
-            self._entry(name).block_weights = {k: float(v) for k, v in weights.items()}
+            self._entry(name).block_weights = {
+                key: _finite(value, f"{key} weight of {name!r}") for key, value in weights.items()
+            }
             self._apply(name)
 
     @contextlib.contextmanager

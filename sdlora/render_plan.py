@@ -9,6 +9,9 @@ Seeds: image k (of --batch) of prompt row i has seed S + k, where S is the row's
 the prompt file gives one, else --seed + i * batch. So every image of a plain run has its own
 seed, and grid cells of one prompt share theirs (only the weight changes along a grid).
 
+Weights: each image's mix starts from the --lora weights; a row's own weights (<lora:> tags,
+the loras field) override them for that row, and adapters named only elsewhere stay at 0.
+
 File names are `{job index:05d}-{seed}.png`, stable across runs of the same command, which is
 what lets an interrupted run resume by skipping files that exist.
 """
@@ -70,7 +73,7 @@ def plan_render(args) -> RenderPlan:
     resolver = _AdapterResolver(adapter_files, args.adapters_dir)
     for row in rows:
         for name in row.loras:
-            resolver.resolve(name, f"{args.prompts or '--prompt'}:{row.line}")
+            resolver.resolve(name, f"{args.prompts}:{row.line}" if args.prompts else "--prompt")
     for name, _ in grids:
         resolver.resolve(name, "--grid")
     weights = {name: weights.get(name, 0.0) for name in adapter_files}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import random
 import threading
@@ -63,9 +64,15 @@ def assert_close(actual: dict, expected: dict, rtol: float = 1e-5) -> None:
         assert error <= rtol, f"{key}: relative error {error:.2e}"
 
 
-@pytest.fixture()
-def sd1():
+@pytest.fixture(scope="module")
+def pristine_sd1():
     return build_tiny_pipeline("sd1")
+
+
+@pytest.fixture()
+def sd1(pristine_sd1):
+    """A fresh tiny SD1 pipeline per test (a copy: building one takes seconds)."""
+    return copy.deepcopy(pristine_sd1)
 
 
 def test_fused_weights_equal_base_plus_weighted_deltas(sd1):
@@ -108,7 +115,7 @@ def test_random_changes_match_a_fresh_fuse_and_zero_restores_base_exactly(sd1):
         assert torch.equal(after[key], value), key
 
 
-def test_long_slider_sessions_stay_exact_and_reproducible_mode_ignores_history(sd1):
+def test_long_slider_sessions_stay_exact_and_reproducible_mode_ignores_history(sd1, pristine_sd1):
     base = snapshot(sd1)
     first, second = random_adapter(sd1, "first", seed=12), random_adapter(sd1, "second", seed=13)
     mixer = Mixer(sd1)
@@ -120,7 +127,7 @@ def test_long_slider_sessions_stay_exact_and_reproducible_mode_ignores_history(s
     assert all(torch.equal(snapshot(sd1)[key], value) for key, value in base.items())
 
     def fused_after(history):
-        pipeline = build_tiny_pipeline("sd1")
+        pipeline = copy.deepcopy(pristine_sd1)
         mixer = Mixer(pipeline, reproducible=True)
         mixer.add(first)
         mixer.add(second)
@@ -133,8 +140,8 @@ def test_long_slider_sessions_stay_exact_and_reproducible_mode_ignores_history(s
     assert all(torch.equal(direct[key], roundabout[key]) for key in direct)
 
 
-def test_half_precision_weights_are_recomputed_without_drift():
-    pipeline = build_tiny_pipeline("sd1").to(torch.bfloat16)
+def test_half_precision_weights_are_recomputed_without_drift(sd1):
+    pipeline = sd1.to(torch.bfloat16)
     base = snapshot(pipeline)
     adapter = random_adapter(pipeline, "half", seed=3)
     mixer = Mixer(pipeline)
@@ -187,6 +194,11 @@ def test_lycoris_layers_fuse_their_delta(sd1):
     mixer = Mixer(sd1)
     mixer.add(adapter, 0.6)
     assert_close(snapshot(sd1), expected_fuse(base, [adapter], {"lyco": (0.6, {}, {})}))
+    merged, error = mixer.merged_adapter()  # LyCORIS deltas factored by SVD at numerical rank
+    for path, layer in layers.items():
+        expected = 0.6 * layer.delta()
+        assert (merged.layers[path].delta() - expected).norm() / expected.norm() < 1e-5
+    assert error < 1e-6
 
 
 def test_validation_names_families_and_counts_unmatched(sd1):

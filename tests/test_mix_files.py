@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -19,9 +20,14 @@ from sdlora.tiny import build_tiny_pipeline
 WEIGHTS = {"first": 0.7, "second": -0.4}
 
 
+@functools.cache
+def tiny(family: str):
+    return build_tiny_pipeline(family)
+
+
 def write_pair(folder, family: str, layout: str) -> dict:
     """Two adapter files (LoRA on UNet attention and convs, and every text encoder)."""
-    pipeline = build_tiny_pipeline(family)
+    pipeline = tiny(family)
     files = {}
     for seed, name in enumerate(WEIGHTS):
         adapter = random_adapter(pipeline, name, rank=2 + seed, alpha=1.5, convs=True, seed=seed)
