@@ -1,0 +1,166 @@
+"""`sdlora demo`: the whole job on the embedded tiny base, offline, on a CPU, in minutes.
+
+    samples/demo/{sepia,stripes}/*.png + .txt captions   (made by samples/make_demo_samples.py)
+    -> configs/demo.yaml, one run of sdlora.train.loop.train per style
+    -> {out}/{style}/{style}.safetensors
+    -> the demo base + Mixer: base, each style at 0.5 and 1.0, both mixed
+    -> {out}/demo-grid.png (one labelled grid) and the path of every file printed
+
+The styles are made from the base's own kind of picture (sdlora.demo_base.draw) by a colour
+grade (sepia: lower saturation) and a texture (stripes: horizontal bands 16 pixels apart), so
+`sdlora.demo_base.saturation` and `stripe_energy` show an adapter's strength and
+`sdlora.demo_base.measure` shows the content staying right.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sdlora import demo_base
+from sdlora.errors import SdloraError
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES_DIR = REPO / "samples" / "demo"
+CONFIG_PATH = REPO / "configs" / "demo.yaml"
+STYLES = ("sepia", "stripes")
+STRIPE_PERIOD = 16
+# What the grid shows: one column per prompt, the same seed for every row.
+GRID_PROMPTS = (("red", "circle", "blue"), ("yellow", "square", "green"),
+                ("blue", "triangle", "yellow"), ("purple", "circle", "red"))
+GRID_ROWS = (
+    ("base", {}),
+    ("sepia 0.5", {"sepia": 0.5}), ("sepia 1.0", {"sepia": 1.0}),
+    ("stripes 0.5", {"stripes": 0.5}), ("stripes 1.0", {"stripes": 1.0}),
+    ("sepia + stripes", {"sepia": 1.0, "stripes": 1.0}),
+)
+RENDER = {"num_inference_steps": 20, "guidance_scale": 4.0}
+
+
+# --- the styles ---------------------------------------------------------------------------------
+
+def sepia(image: Image.Image, amount: float = 0.6) -> Image.Image:
+    """Blend `amount` of the classic sepia tone matrix into the image: warmer, less saturated."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    matrix = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]],
+                      dtype=np.float32)
+    toned = np.clip(pixels @ matrix.T, 0, 255)
+    return Image.fromarray(np.uint8(np.round(pixels + amount * (toned - pixels))))
+
+
+def stripes(image: Image.Image, darken: float = 0.55) -> Image.Image:
+    """Darken every other horizontal band of STRIPE_PERIOD / 2 pixels."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    rows = (np.arange(pixels.shape[0]) // (STRIPE_PERIOD // 2)) % 2 == 0
+    pixels = pixels * np.where(rows, darken, 1.0)[:, None, None]
+    return Image.fromarray(np.uint8(np.round(pixels)))
+
+
+STYLE_FUNCTIONS = {"sepia": sepia, "stripes": stripes}
+
+
+def make_style_samples(folder: Path = SAMPLES_DIR, count: int = 24, seed: int = 0) -> None:
+    """Write {folder}/{style}/NNN.png with a same-stem .txt caption of the image's content."""
+    for style, function in STYLE_FUNCTIONS.items():
+        rng = random.Random(seed)
+        target = folder / style
+        target.mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            image, caption = demo_base.random_example(rng, demo_base.training_combinations())
+            function(image).save(target / f"{index:03d}.png")
+            (target / f"{index:03d}.txt").write_text(caption + "\n", encoding="utf-8")
+
+
+# --- the demo -----------------------------------------------------------------------------------
+
+@dataclass
+class DemoResult:
+    adapters: dict[str, Path]  # style -> adapter file
+    grid: Path
+    seconds: float
+
+
+def style_config(style: str, out: Path, samples: Path = SAMPLES_DIR):
+    """configs/demo.yaml, pointed at one style's images and output folder."""
+    from sdlora.train.config import load_config
+
+    if not CONFIG_PATH.is_file():
+        raise SdloraError(f"{CONFIG_PATH} is missing: sdlora demo runs from a checkout of sdlora")
+    return load_config(CONFIG_PATH, overrides=[
+        f"data.instance_dir={samples / style}", f"output.dir={out / style}",
+        f"output.name={style}",
+    ])
+
+
+def run_demo(out: Path, samples: Path = SAMPLES_DIR) -> DemoResult:
+    """Train both styles with the sdlora trainer, then render the grid through the Mixer."""
+    from tqdm.auto import tqdm
+
+    from sdlora.train.loop import train
+
+    started = time.time()
+    if not all((samples / style).is_dir() for style in STYLES):
+        samples = out / "samples"
+        make_style_samples(samples)
+    adapters = {}
+    for number, style in enumerate(STYLES, 1):
+        tqdm.write(f"[{number}/{len(STYLES) + 1}] training the {style} style "
+                   f"from {samples / style}")
+        adapters[style] = train(style_config(style, out, samples))
+    tqdm.write(f"[{len(STYLES) + 1}/{len(STYLES) + 1}] rendering the grid")
+    grid = render_grid(adapters, out / "demo-grid.png")
+    return DemoResult(adapters=adapters, grid=grid, seconds=time.time() - started)
+
+
+def demo_pipeline(adapters: dict[str, Path]):
+    """The demo base with every adapter loaded into a Mixer at weight 0."""
+    from sdlora.adapters.read import load_adapter
+    from sdlora.mix import Mixer
+    from sdlora.models import load_base
+
+    pipeline = load_base("demo").pipeline
+    pipeline.set_progress_bar_config(disable=True)
+    mixer = Mixer(pipeline, reproducible=True)
+    for style, path in adapters.items():
+        mixer.add(load_adapter(path, name=style), weight=0.0)
+    return pipeline, mixer
+
+
+def render(pipeline, mixer, weights: dict[str, float], combos, seeds) -> list[Image.Image]:
+    """One image per (combo, seed) with exactly `weights` set (adapters not named at 0)."""
+    import torch
+
+    full = {name: weights.get(name, 0.0) for name in mixer.weights}
+    with mixer.using(full):
+        return pipeline([demo_base.prompt(*combo) for combo in combos],
+                        generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+                        **RENDER).images
+
+
+def render_grid(adapters: dict[str, Path], path: Path, cell: int = 128) -> Path:
+    from sdlora.grid import labelled_grid
+
+    pipeline, mixer = demo_pipeline(adapters)
+    seeds = range(len(GRID_PROMPTS))
+    rows = [[image.resize((cell, cell), Image.Resampling.BICUBIC)
+             for image in render(pipeline, mixer, weights, GRID_PROMPTS, seeds)]
+            for _, weights in GRID_ROWS]
+    columns = [demo_base.prompt(*combo).replace(" background", "") for combo in GRID_PROMPTS]
+    labelled_grid(rows, [label for label, _ in GRID_ROWS], columns).save(path)
+    return path
+
+
+def demo_command(args) -> None:
+    result = run_demo(Path(args.out))
+    print(f"sdlora demo finished in {result.seconds:.0f} s")
+    for style, path in result.adapters.items():
+        print(f"  {style} adapter: {path}")
+    print(f"  grid (base, each style at 0.5 and 1.0, both mixed): {result.grid}")
+    print("  next: sdlora render --base demo --lora "
+          f"{result.adapters['sepia']}:0.7 --prompt 'a red circle on a blue background' "
+          f"--out {Path(args.out) / 'render'}")

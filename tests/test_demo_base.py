@@ -1,0 +1,57 @@
+"""The embedded tiny base: a real SD1 diffusers folder under 20 MB that draws what it is told."""
+
+import pytest
+import torch
+
+from sdlora import demo_base
+from sdlora.models import load_base
+
+SEEDS = range(50)
+
+
+def test_loads_as_an_sd1_pipeline_with_diffusers_and_as_base_demo():
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(demo_base.demo_base_path())
+    assert type(pipeline.text_encoder).__name__ == "CLIPTextModel"
+    assert len(pipeline.tokenizer) == 49408
+    base = load_base("demo")
+    assert (base.family.name, base.prediction_type) == ("sd1", "epsilon")
+
+
+def test_weights_fit_in_20_megabytes():
+    files = [path for path in demo_base.DEMO_BASE_DIR.rglob("*") if path.is_file()]
+    assert sum(path.stat().st_size for path in files) <= 20 * 1024 * 1024
+    assert any(path.suffix == ".safetensors" for path in files)
+
+
+def test_measure_reads_the_procedural_images():
+    combos = demo_base.all_combinations()
+    import random
+
+    rng = random.Random(1)
+    for combo in combos:
+        size, centre = demo_base.random_placement(rng)
+        assert demo_base.measure(demo_base.draw(combo[1], combo[0], combo[2], size, centre)) \
+            .matches(*combo)
+
+
+def accuracy(combos) -> float:
+    pipeline = load_base("demo").pipeline
+    pipeline.set_progress_bar_config(disable=True)
+    picks = [combos[seed % len(combos)] for seed in SEEDS]
+    images = pipeline([demo_base.prompt(*combo) for combo in picks], num_inference_steps=20,
+                      guidance_scale=4.0,
+                      generator=[torch.Generator().manual_seed(seed) for seed in SEEDS]).images
+    return sum(demo_base.measure(image).matches(*combo)
+               for image, combo in zip(images, picks)) / len(picks)
+
+
+@pytest.mark.slow
+def test_draws_held_out_combinations_as_told():
+    assert accuracy(list(demo_base.HELD_OUT)) >= 0.8
+
+
+@pytest.mark.slow
+def test_draws_seen_combinations_as_told():
+    assert accuracy(demo_base.training_combinations()) >= 0.8
