@@ -99,7 +99,7 @@ class Folders:
             return "demo"
         if self.models is not None:
             path = contained(self.models, choice, "base model")
-            if path.exists():
+            if path.exists() and path != self.models.resolve():
                 return str(path)
         if HUB_ID.fullmatch(choice) and not Path(choice).exists():
             return choice

@@ -1,0 +1,147 @@
+"""The Generate tab's engine: each request gets its own mix, even when requests overlap."""
+
+from __future__ import annotations
+
+import shlex
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from factories import random_adapter
+from PIL import Image
+
+from sdlora.adapters.write import save_adapter
+from sdlora.cli import main
+from sdlora.errors import SdloraError
+from sdlora.models import load_base
+from sdlora.render_png import read_png_texts
+from sdlora.ui_folders import Folders
+from sdlora.ui_studio import GenerationRequest, Studio, render_command
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_sd1):
+    """The tiny base, to shape adapters for it."""
+    return load_base(str(tiny_sd1)).pipeline
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_sd1, pipeline, tmp_path_factory):
+    adapters = tmp_path_factory.mktemp("adapters")
+    for seed, name in enumerate(("oil", "ink"), start=1):
+        save_adapter(random_adapter(pipeline, name, seed=seed), adapters / f"{name}.safetensors")
+    return Folders(adapters=adapters, configs=Path("configs"), default_base=str(tiny_sd1))
+
+
+@pytest.fixture(scope="module")
+def studio(folders, tmp_path_factory):
+    return Studio(folders, tmp_path_factory.mktemp("images"))
+
+
+def request(**changes) -> GenerationRequest:
+    settings = {"prompt": "a red circle", "steps": 3, "width": 64, "height": 64, "seed": 5}
+    return GenerationRequest(**{**settings, **changes})
+
+
+def pixels(studio: Studio, generation: GenerationRequest) -> np.ndarray:
+    (image,) = studio.generate(generation)
+    with Image.open(image.path) as png:
+        return np.asarray(png.convert("RGB"))
+
+
+MIXES = {
+    "oil": request(weights={"oil": 1.0}),
+    "ink minus oil": request(weights={"oil": -0.5, "ink": 1.5}),
+    "oil without up blocks": request(weights={"oil": 1.0}, block_weights={"oil": {"up": 0.0}}),
+}
+
+
+def test_overlapping_requests_each_get_exactly_their_solo_image(studio):
+    solo = {name: pixels(studio, mix) for name, mix in MIXES.items()}
+    assert len({image.tobytes() for image in solo.values()}) == len(MIXES)
+
+    # Every UNet call must run on the calling request's weights: a hook checks it per step.
+    expected = threading.local()
+    wrong_weights = []
+
+    def check_weights(module, args):
+        weights = {name: w for name, w in studio._loaded.mixer.weights.items() if w}
+        if weights != expected.weights:
+            wrong_weights.append((expected.weights, weights))
+
+    hook = studio._loaded.base.pipeline.unet.register_forward_pre_hook(check_weights)
+    order = list(MIXES) * 2
+    start_together = threading.Barrier(len(order))
+
+    def generate(name):
+        expected.weights = MIXES[name].active_weights
+        start_together.wait()
+        return pixels(studio, MIXES[name])
+
+    try:
+        with ThreadPoolExecutor(len(order)) as pool:
+            results = list(pool.map(generate, order))
+    finally:
+        hook.remove()
+    assert wrong_weights == []
+    for name, image in zip(order, results):
+        assert np.array_equal(image, solo[name]), name
+
+
+def test_weight_zero_is_the_base_and_weights_change_the_image(studio):
+    base = pixels(studio, request())
+    assert np.array_equal(pixels(studio, request(weights={"oil": 0.0})), base)
+    assert not np.array_equal(pixels(studio, request(weights={"oil": 1.0})), base)
+
+
+def test_render_command_renders_the_same_image(studio, folders, tmp_path):
+    generation = request(weights={"oil": 0.75, "ink": -0.25}, negative="blurry", cfg=5.0,
+                         scheduler="dpm++_2m_karras", seed=11)
+    (image,) = studio.generate(generation)
+    words = shlex.split(render_command(generation, folders))
+    assert words[:2] == ["sdlora", "render"]
+    words[words.index("--out") + 1] = str(tmp_path)
+    assert main(words[1:]) == 0
+    (rendered,) = tmp_path.glob("*.png")
+    with Image.open(rendered) as cli_png, Image.open(image.path) as ui_png:
+        assert np.array_equal(np.asarray(cli_png), np.asarray(ui_png))
+    assert read_png_texts(rendered)["parameters"] == read_png_texts(image.path)["parameters"]
+    assert "<lora:oil:0.75> <lora:ink:-0.25>" in image.caption
+
+
+def test_render_command_names_block_weights_it_cannot_express(folders):
+    generation = request(weights={"oil": 1.0}, block_weights={"oil": {"mid": 0.5}})
+    assert '# per-block weights have no render flag: {"oil": {"mid": 0.5}}' in render_command(
+        generation, folders)
+
+
+def test_batch_count_uses_consecutive_seeds_like_render(studio):
+    images = studio.generate(request(batch=2, seed=40))
+    assert [image.settings["seed"] for image in images] == [40, 41]
+    assert "Seed: 41" in images[1].caption
+
+
+def test_a_retrained_adapter_file_is_loaded_again(studio, folders, pipeline):
+    path = folders.adapters / "retrained.safetensors"
+    save_adapter(random_adapter(pipeline, "retrained", seed=3), path)
+    first = pixels(studio, request(weights={"retrained": 1.0}))
+    save_adapter(random_adapter(pipeline, "retrained", seed=4), path)
+    second = pixels(studio, request(weights={"retrained": 1.0}))
+    assert not np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"weights": {"../oil": 1.0}}, "not a plain file name"),
+    ({"weights": {"missing": 1.0}}, "no adapter named 'missing'"),
+    ({"steps": 0}, "steps must be"),
+    ({"batch": 100}, "batch count"),
+    ({"width": 60}, "not a positive multiple of 8"),
+    ({"width": 4096}, "limited to"),
+    ({"scheduler": "nope"}, "unknown scheduler"),
+    ({"base": "../somewhere"}, "neither a model in the models folder nor a hub id"),
+])
+def test_bad_requests_are_refused_before_generating(studio, changes, message):
+    with pytest.raises(SdloraError, match=message):
+        studio.generate(request(**changes))

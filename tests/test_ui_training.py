@@ -1,0 +1,128 @@
+"""The Train tab's engine: a preset plus the user's choices, trained in a thread, cancellable."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdlora.adapters.read import load_adapter
+from sdlora.errors import SdloraError
+from sdlora.train.checkpoints import list_checkpoints
+from sdlora.ui_folders import Folders
+from sdlora.ui_training import Trainer, TrainingRequest
+
+PRESETS = Path(__file__).parent / "e2e" / "presets"
+
+
+@pytest.fixture
+def folders(tiny_sd1, tmp_path):
+    (tmp_path / "adapters").mkdir()
+    return Folders(adapters=tmp_path / "adapters", configs=PRESETS, default_base=str(tiny_sd1))
+
+
+def images(folder: Path, count: int = 2) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(count):
+        path = folder / f"upload{index}.png"
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def request(uploads, **changes) -> TrainingRequest:
+    settings = {"preset": "tiny-style", "name": "ink", "trigger_word": "zxq", "steps": 4,
+                "rank": 4, "uploads": uploads}
+    return TrainingRequest(**{**settings, **changes})
+
+
+def wait_until(condition, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_finished_run_puts_its_adapter_in_the_adapters_folder(folders, tmp_path):
+    trainer = Trainer(folders)
+    job = trainer.start(request(images(tmp_path / "uploads")))
+    job.wait()
+    assert (job.state, job.step, job.total_steps) == ("finished", 4, 4), job.message
+    assert job.loss is not None and "ready in the Generate tab" in job.message
+    (listed,) = folders.list_adapters()
+    assert (listed.name, listed.trigger_words) == ("ink", ["zxq"])
+    assert load_adapter(listed.path).layers
+    assert [path.name for path in job.validation_images()] == ["step-000002.png", "step-000004.png"]
+    assert job.config.data.instance_prompt == "a painting in zxq style"
+    assert job.config.validation.prompts == ["a house, zxq style"]
+    assert (job.config.lora.rank, job.config.lora.alpha) == (4, 2.0)  # the preset's alpha/rank
+
+
+def test_cancel_stops_after_the_step_and_keeps_a_checkpoint(folders, tmp_path):
+    trainer = Trainer(folders)
+    job = trainer.start(request(images(tmp_path / "uploads"), steps=1000))
+    with pytest.raises(SdloraError, match="one run at a time"):
+        trainer.start(request(images(tmp_path / "more"), name="other"))
+    wait_until(lambda: job.step >= 1 or not job.running)
+    job.cancel()
+    job.wait()
+    assert job.state == "cancelled", job.message
+    assert job.step < 1000 and "last checkpoint is kept" in job.message
+    assert [step for step, _ in list_checkpoints(job.run_dir)] == [job.step]
+    assert folders.list_adapters() == []
+
+
+def test_a_failed_run_reports_why(folders, tmp_path):
+    caption = tmp_path / "only.txt"
+    caption.write_text("a caption without its image")
+    job = Trainer(folders).start(request([str(caption)]))
+    job.wait()
+    assert (job.state, job.running) == ("failed", False)
+    assert "no usable images" in job.message
+
+
+def test_the_real_presets_take_the_users_choices(tiny_sd1, tmp_path):
+    folders = Folders(adapters=tmp_path, configs=Path("configs"), default_base=str(tiny_sd1))
+    config = Trainer(folders).config_for(request(images(tmp_path / "up"), preset="sd15-style",
+                                                 rank=8, steps=30))
+    assert config.data.instance_prompt == "a painting in zxq style"
+    assert config.data.trigger_word == "zxq"
+    assert all("zxq" in prompt and "sks" not in prompt for prompt in config.validation.prompts)
+    assert (config.lora.rank, config.lora.alpha, config.train.steps) == (8, 8.0, 30)
+    assert config.base == str(tiny_sd1)
+    assert Path(config.output.dir) == tmp_path / "runs" / "ink"
+    assert sorted(p.name for p in Path(config.data.instance_dir).iterdir()) == [
+        "upload0.png", "upload1.png"]
+
+
+def test_uploads_must_be_images_or_captions_within_the_size_limit(folders, tmp_path, monkeypatch):
+    trainer = Trainer(folders)
+    uploads = images(tmp_path / "up")
+    script = tmp_path / "evil.sh"
+    script.write_text("rm -rf /")
+    fake = tmp_path / "fake.png"
+    fake.write_text("not a png")
+    for bad, message in ((script, "only"), (fake, "not a readable image")):
+        with pytest.raises(SdloraError, match=message):
+            trainer.config_for(request([*uploads, str(bad)]))
+    monkeypatch.setattr("sdlora.ui_training.MAX_UPLOAD_BYTES", 100)
+    with pytest.raises(SdloraError, match="larger than"):
+        trainer.config_for(request(uploads))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"name": "../escape"}, "plain name"),
+    ({"trigger_word": " "}, "trigger word"),
+    ({"steps": 0}, "steps must be"),
+    ({"uploads": []}, "upload some images"),
+    ({"uploads": [], "folder": "../etc"}, "--data-dir"),
+    ({"preset": "../configs/sd15-style"}, "unknown preset"),
+])
+def test_bad_training_requests_are_refused(folders, changes, message):
+    with pytest.raises(SdloraError, match=message):
+        Trainer(folders).config_for(request(**{"uploads": ["unused.png"], **changes}))
