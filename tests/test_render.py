@@ -19,7 +19,8 @@ from PIL import Image
 from sdlora.adapters.write import save_adapter
 from sdlora.cli import main
 from sdlora.render_png import parse_parameters, read_png_texts
-from sdlora.tiny import build_tiny_pipeline
+from sdlora.schedulers import SAMPLERS, build_scheduler, get_sampler
+from sdlora.tiny import build_tiny_pipeline, tiny_scheduler
 
 FAST = ["--steps", "2", "--width", "64", "--height", "64"]
 
@@ -164,3 +165,16 @@ def test_two_processes_shard_prompts_and_match_one_process(tiny_sd1, adapters_di
     assert len(single) == 5
     for name in single:
         assert np.array_equal(pixels(tmp_path / "multi" / name), pixels(tmp_path / "single" / name)), name
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_builds_from_the_base_config_and_steps(name):
+    scheduler = build_scheduler(name, tiny_scheduler(prediction_type="v_prediction").config)
+    assert scheduler.config.prediction_type == "v_prediction"  # the base's schedule carries over
+    scheduler.set_timesteps(3)
+    sample = torch.randn(1, 4, 8, 8) * scheduler.init_noise_sigma
+    for timestep in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(sample, timestep)
+        sample = scheduler.step(torch.zeros_like(model_input), timestep, sample).prev_sample
+    assert torch.isfinite(sample).all()
+    assert get_sampler(name.replace("_", " ").upper()) is SAMPLERS[name]
