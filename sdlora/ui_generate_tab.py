@@ -125,7 +125,7 @@ def generate_tab(folders: Folders, studio: Studio, base: gr.Dropdown) -> Adapter
 
 def _adapter_controls(name: str, words: list[str], prompt: gr.Textbox) -> list[gr.Slider]:
     """One adapter's weight, trigger words and block weights; returns its sliders."""
-    with gr.Group():
+    with gr.Group(elem_id=element_id("adapter", name)):
         weight = gr.Slider(*WEIGHT_RANGE, value=1.0, step=WEIGHT_STEP, label=name,
                            key=f"weight-{name}", elem_id=element_id("weight", name),
                            interactive=True)

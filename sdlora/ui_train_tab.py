@@ -46,8 +46,9 @@ def train_tab(folders: Folders, trainer: Trainer, base: gr.Dropdown, picker: Ada
                 cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
         with gr.Column():
             status = gr.Markdown("No training run yet.", elem_id="train-status")
-            validation = gr.Gallery(label="Validation images", columns=1, format="png",
-                                    elem_id="validation")
+            validation = gr.Gallery(label="Validation grids, newest first", columns=1,
+                                    format="png", preview=False, object_fit="contain",
+                                    height=480, elem_id="validation")
     job_state = gr.State(None)
 
     def run(job, base_choice, files, folder_name, preset_name, adapter_name, word, step_count,
@@ -105,7 +106,7 @@ def _duration(seconds: float) -> str:
 
 def _grids(paths) -> list[tuple[Image.Image, str]]:
     grids = []
-    for path in paths:
+    for path in reversed(paths):
         with Image.open(path) as image:
             grids.append((image.copy(), path.stem))
     return grids

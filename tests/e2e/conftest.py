@@ -6,27 +6,12 @@ download is not used. Without that binary the browser tests skip, saying so.
 
 from __future__ import annotations
 
-import socket
-from pathlib import Path
-
 import pytest
 from factories import random_adapter
+from ui_server import CHROMIUM, CHROMIUM_ARGS, serve
 
 from sdlora.adapters.write import save_adapter
 from sdlora.models import load_base
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -42,18 +27,8 @@ def adapters_dir(tiny_sd1, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ui_url(tiny_sd1, adapters_dir, tmp_path_factory):
-    """The UI served in this process on a free 127.0.0.1 port."""
-    from sdlora.ui import build_app, launch
-    from sdlora.ui_folders import Folders
-    from sdlora.ui_studio import Studio
-    from sdlora.ui_training import Trainer
-
-    folders = Folders(adapters=adapters_dir, configs=Path("configs"), default_base=str(tiny_sd1))
-    studio = Studio(folders, tmp_path_factory.mktemp("ui-images"))
-    app = build_app(folders, studio, Trainer(folders))
-    port = free_port()
-    launch(app, studio, "127.0.0.1", port, block=False)
-    yield f"http://127.0.0.1:{port}/"
+    app, url = serve(str(tiny_sd1), adapters_dir, tmp_path_factory.mktemp("ui-images"))
+    yield url
     app.close()
 
 

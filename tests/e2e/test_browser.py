@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from conftest import ARTIFACTS
 from PIL import Image
+from ui_server import ARTIFACTS, serve
 
 
 def set_number(page, element_id: str, value) -> None:
@@ -57,3 +57,47 @@ def test_slider_weight_changes_the_generated_image(page):
     page.locator("#command").get_by_text("sdlora render").wait_for()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "ui-generate.png"), full_page=True)
+
+
+def test_training_from_uploads_shows_progress_and_adds_the_adapter(page, tmp_path):
+    uploads = []
+    for index, colour in enumerate(((200, 40, 40), (40, 40, 200))):
+        path = tmp_path / f"painting{index}.png"
+        Image.new("RGB", (64, 64), colour).save(path)
+        uploads.append(str(path))
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#uploads input[type=file]").set_input_files(uploads)
+    page.locator('#uploads [aria-label="painting1.png"]').wait_for()
+    page.locator("#name textarea, #name input").first.fill("browser-style")
+    page.locator("#trigger textarea, #trigger input").first.fill("zxq")
+    set_number(page, "train-steps", 4)
+    set_number(page, "rank", 4)
+    page.locator("#start").click()
+
+    status = page.locator("#train-status")
+    status.get_by_text("finished").wait_for(timeout=240_000)
+    assert "step 4 / 4" in status.inner_text()
+    assert page.locator("#validation img").count() == 2  # the grids of steps 2 and 4
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui-train.png"), full_page=True)
+
+    page.get_by_role("tab", name="Generate").click()
+    page.locator("#adapters").get_by_label("browser-style").check()
+    page.locator("#adapter-browser-style").get_by_text("zxq").wait_for()
+
+
+def test_auth_asks_for_the_login_first(browser, tiny_sd1, adapters_dir, tmp_path):
+    app, url = serve(str(tiny_sd1), adapters_dir, tmp_path, auth=("ann", "s3cret"))
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(url)
+        assert page.locator("#prompt").count() == 0
+        assert page.request.get(url + "config").status == 401
+        page.get_by_label("username").fill("ann")
+        page.get_by_label("password").fill("s3cret")
+        page.get_by_role("button", name="Login").click()
+        page.locator("#prompt").wait_for(timeout=60_000)
+    finally:
+        context.close()
+        app.close()

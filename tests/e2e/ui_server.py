@@ -1,0 +1,35 @@
+"""Serving the UI in the test process, and where the browser and the artifacts are."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+PRESETS = Path(__file__).parent / "presets"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve(base: str, adapters: Path, images: Path, auth: tuple[str, str] | None = None):
+    """Start the UI in this process on a free 127.0.0.1 port; returns (app, url)."""
+    from sdlora.ui import build_app, launch
+    from sdlora.ui_folders import Folders
+    from sdlora.ui_studio import Studio
+    from sdlora.ui_training import Trainer
+
+    folders = Folders(adapters=adapters, configs=PRESETS, default_base=base)
+    studio = Studio(folders, images)
+    app = build_app(folders, studio, Trainer(folders))
+    port = free_port()
+    launch(app, studio, "127.0.0.1", port, auth=auth, block=False)
+    return app, f"http://127.0.0.1:{port}/"
