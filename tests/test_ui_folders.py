@@ -34,7 +34,8 @@ def test_adapters_are_listed_with_their_trigger_words(folders, tiny_sd1):
     assert folders.adapter_path("oil") == (folders.adapters / "oil.safetensors").resolve()
 
 
-@pytest.mark.parametrize("name", ["../outside/x", "/etc/passwd", "a/b", "", ".hidden", "..", "oil\n"])
+@pytest.mark.parametrize("name", ["../outside/x", "/etc/passwd", "a/b", "", ".hidden", "..",
+                                  "oil\n"])
 def test_adapter_names_cannot_leave_the_folder(folders, name):
     with pytest.raises(SdloraError):
         folders.adapter_path(name)

@@ -90,10 +90,12 @@ def test_overlapping_requests_each_get_exactly_their_solo_image(studio):
         assert np.array_equal(image, solo[name]), name
 
 
-def test_weight_zero_is_the_base_and_weights_change_the_image(studio):
+def test_weight_zero_is_the_base_and_a_new_weight_needs_no_reload(studio):
     base = pixels(studio, request())
+    loaded = studio._loaded
     assert np.array_equal(pixels(studio, request(weights={"oil": 0.0})), base)
     assert not np.array_equal(pixels(studio, request(weights={"oil": 1.0})), base)
+    assert studio._loaded is loaded  # same pipeline, re-weighted in place
 
 
 def test_render_command_renders_the_same_image(studio, folders, tmp_path):
