@@ -1,5 +1,7 @@
 """The embedded tiny base: a real SD1 diffusers folder under 20 MB that draws what it is told."""
 
+import random
+
 import pytest
 import torch
 
@@ -7,6 +9,15 @@ from sdlora import demo_base
 from sdlora.models import load_base
 
 SEEDS = range(50)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model runs fastest on one thread; on a busy machine, by far."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_loads_as_an_sd1_pipeline_with_diffusers_and_as_base_demo():
@@ -26,11 +37,8 @@ def test_weights_fit_in_20_megabytes():
 
 
 def test_measure_reads_the_procedural_images():
-    combos = demo_base.all_combinations()
-    import random
-
     rng = random.Random(1)
-    for combo in combos:
+    for combo in demo_base.all_combinations():
         size, centre = demo_base.random_placement(rng)
         assert demo_base.measure(demo_base.draw(combo[1], combo[0], combo[2], size, centre)) \
             .matches(*combo)
