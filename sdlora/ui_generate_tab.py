@@ -59,7 +59,7 @@ def generate_tab(folders: Folders, studio: Studio, base: gr.Dropdown) -> Adapter
         with gr.Column(scale=1, min_width=280):
             with gr.Row():
                 box = gr.CheckboxGroup([], label="Adapters", elem_id="adapters", scale=4)
-                refresh = gr.Button("Refresh", elem_id="refresh-adapters", scale=1)
+                refresh = gr.Button("Refresh", elem_id="refresh-adapters", scale=1, size="sm")
             picker = AdapterPicker(box, gr.State({}), folders)
             adapter_controls = gr.Column()
         with gr.Column(scale=2):
@@ -89,8 +89,9 @@ def generate_tab(folders: Folders, studio: Studio, base: gr.Dropdown) -> Adapter
             captions = gr.State([])
             settings = gr.Textbox(label="Settings of the selected image", lines=3,
                                   elem_id="settings")
-            command = gr.Code(label="Equivalent command", language="shell", visible=False,
-                              elem_id="command")
+            command = gr.Textbox(label="Equivalent command", lines=2, max_lines=6,
+                                 buttons=["copy"], interactive=False, visible=False,
+                                 elem_id="command")
 
     settings_inputs = [base, prompt, negative, seed, steps, cfg, width, height, scheduler, batch]
     refresh.click(picker.refresh, [box], picker.outputs)
@@ -109,8 +110,7 @@ def generate_tab(folders: Folders, studio: Studio, base: gr.Dropdown) -> Adapter
                                    values[len(settings_inputs):])
                 images = _user_errors(studio.generate, request)
                 texts = [image.caption for image in images]
-                gallery_items = [(str(image.path), text) for image, text in zip(images, texts)]
-                return gallery_items, texts, texts[0]
+                return [(str(image.path), image.caption) for image in images], texts, texts[0]
 
             def describe(*values):
                 request = _request(ticked, values[: len(settings_inputs)],

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 from PIL import Image
+from playwright.sync_api import expect
 from ui_server import ARTIFACTS, serve
 
 
@@ -54,7 +56,7 @@ def test_slider_weight_changes_the_generated_image(page):
     assert np.abs(at_zero.astype(int) - at_one.astype(int)).max() > 0
 
     page.locator("#show-command").click()
-    page.locator("#command").get_by_text("sdlora render").wait_for()
+    expect(page.locator("#command textarea")).to_have_value(re.compile(r"^sdlora render "))
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "ui-generate.png"), full_page=True)
 
