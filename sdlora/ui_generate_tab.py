@@ -17,14 +17,7 @@ from sdlora.errors import SdloraError
 from sdlora.mix import UNET_BLOCKS
 from sdlora.schedulers import SAMPLERS
 from sdlora.ui_folders import Folders
-from sdlora.ui_studio import (
-    MAX_BATCH,
-    MAX_SIZE,
-    MAX_STEPS,
-    GenerationRequest,
-    Studio,
-    render_command,
-)
+from sdlora.ui_studio import MAX_BATCH, MAX_SIZE, MAX_STEPS, GenerationRequest, Studio
 
 WEIGHT_RANGE = (-1.0, 2.0)
 WEIGHT_STEP = 0.05
@@ -115,7 +108,7 @@ def generate_tab(folders: Folders, studio: Studio, base: gr.Dropdown) -> Adapter
             def describe(*values):
                 request = _request(ticked, values[: len(settings_inputs)],
                                    values[len(settings_inputs):])
-                return gr.update(value=_user_errors(render_command, request, folders), visible=True)
+                return gr.update(value=_user_errors(studio.render_command, request), visible=True)
 
             generate.click(run, settings_inputs + mix_inputs, [gallery, captions, settings])
             show_command.click(describe, settings_inputs + mix_inputs, command)

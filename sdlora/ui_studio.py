@@ -77,6 +77,7 @@ class _LoadedBase:
     mixer: object  # sdlora.mix.Mixer
     scheduler_config: dict
     model_hash: str | None
+    native_size: int  # what the pipeline draws when no size is given
     # adapter name -> (file, mtime in ns): a file rewritten by training is loaded again
     adapter_files: dict[str, tuple[Path, int]] = field(default_factory=dict)
     lora_hashes: dict[str, str] = field(default_factory=dict)
@@ -143,6 +144,7 @@ class Studio:
             mixer=Mixer(base.pipeline, reproducible=True),
             scheduler_config=base.pipeline.scheduler.config,
             model_hash=model_hash(source),
+            native_size=base.pipeline.unet.config.sample_size * base.pipeline.vae_scale_factor,
         )
         return self._loaded
 
@@ -164,7 +166,7 @@ class Studio:
 
     def _settings(self, request: GenerationRequest, loaded: _LoadedBase, index: int) -> dict:
         """The `sdlora` PNG chunk, with the keys `sdlora render` writes."""
-        default_size = loaded.base.family.default_resolution
+        default_size = loaded.native_size
         loras = request.active_weights
         return {
             "version": sdlora.__version__,
@@ -198,9 +200,19 @@ class Studio:
         write_png(image, path, texts)
         return GeneratedImage(path, caption, settings)
 
+    def render_command(self, request: GenerationRequest) -> str:
+        """`render_command`, with the base's own size filled in once that base is loaded."""
+        loaded = self._loaded
+        source = self.folders.base_source(request.base)
+        native_size = loaded.native_size if loaded and loaded.source == source else None
+        return render_command(request, self.folders, native_size)
 
-def render_command(request: GenerationRequest, folders: Folders) -> str:
-    """The `sdlora render` command line that renders what `request` generates."""
+
+def render_command(request: GenerationRequest, folders: Folders,
+                   native_size: int | None = None) -> str:
+    """The `sdlora render` command line that renders what `request` generates; `native_size`
+    (the base's own size) is written out for a size left to the base, as render's default
+    is the family's resolution, which a small base may not share."""
     words = ["sdlora", "render", "--base", folders.base_source(request.base)]
     for name, weight in request.active_weights.items():
         words += ["--lora", f"{folders.adapter_path(name)}:{weight:g}"]
@@ -209,10 +221,9 @@ def render_command(request: GenerationRequest, folders: Folders) -> str:
         words += ["--negative", request.negative]
     words += ["--seed", str(request.seed), "--steps", str(request.steps),
               "--cfg", f"{request.cfg:g}"]
-    if request.width:
-        words += ["--width", str(request.width)]
-    if request.height:
-        words += ["--height", str(request.height)]
+    for flag, size in (("--width", request.width), ("--height", request.height)):
+        if size or native_size:
+            words += [flag, str(size or native_size)]
     words += ["--scheduler", request.scheduler, "--batch", str(request.batch), "--out", "out/ui"]
     command = shlex.join(words)
     blocks = {name: request.block_weights[name] for name in request.active_weights

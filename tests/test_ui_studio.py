@@ -113,6 +113,12 @@ def test_render_command_renders_the_same_image(studio, folders, tmp_path):
     assert "<lora:oil:0.75> <lora:ink:-0.25>" in image.caption
 
 
+def test_render_command_spells_out_the_bases_own_size(studio):
+    studio.generate(request(width=None, height=None))
+    command = studio.render_command(request(width=None, height=None))
+    assert "--width 64 --height 64" in command  # the tiny base's size, not sd1's 512
+
+
 def test_render_command_names_block_weights_it_cannot_express(folders):
     generation = request(weights={"oil": 1.0}, block_weights={"oil": {"mid": 0.5}})
     assert '# per-block weights have no render flag: {"oil": {"mid": 0.5}}' in render_command(
