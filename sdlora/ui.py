@@ -11,6 +11,7 @@ training is `Trainer.start` (the training loop in a thread).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ TITLE = "sdlora"
 # Generations wait on Studio.lock, not on Gradio's queue, so a slow one does not hold up the
 # other events (refresh, training progress, the render command).
 CONCURRENCY = 4
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +77,7 @@ def build_app(folders: Folders, studio: Studio, trainer: Trainer):
     from sdlora.ui_generate_tab import generate_tab
     from sdlora.ui_train_tab import train_tab
 
-    with gr.Blocks(title=TITLE) as app:
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         gr.Markdown(f"# {TITLE}\nMix LoRA adapters with a slider each, or train a new one.")
         base = gr.Dropdown(folders.base_choices(), value=folders.default_base,
                            allow_custom_value=True, label="Base model", elem_id="base",
@@ -111,6 +113,9 @@ def ui_command(args: argparse.Namespace) -> None:
     from sdlora.ui_training import Trainer
 
     auth = parse_auth(args.auth)
+    if args.host not in LOCAL_HOSTS and auth is None:
+        print(f"sdlora ui: warning: listening on {args.host} without --auth: anyone who can "
+              "reach this machine can generate and train", file=sys.stderr)
     folders = folders_from_args(args)
     studio = Studio(folders)
     launch(build_app(folders, studio, Trainer(folders)), studio, args.host, args.port, auth)

@@ -61,20 +61,25 @@ def test_slider_weight_changes_the_generated_image(page):
     page.screenshot(path=str(ARTIFACTS / "ui-generate.png"), full_page=True)
 
 
-def test_training_from_uploads_shows_progress_and_adds_the_adapter(page, tmp_path):
+def start_training(page, folder, name: str, steps: int) -> None:
+    """Upload two images on the Train tab and start a run of `steps` steps."""
     uploads = []
     for index, colour in enumerate(((200, 40, 40), (40, 40, 200))):
-        path = tmp_path / f"painting{index}.png"
+        path = folder / f"painting{index}.png"
         Image.new("RGB", (64, 64), colour).save(path)
         uploads.append(str(path))
     page.get_by_role("tab", name="Train").click()
     page.locator("#uploads input[type=file]").set_input_files(uploads)
     page.locator('#uploads [aria-label="painting1.png"]').wait_for()
-    page.locator("#name textarea, #name input").first.fill("browser-style")
-    page.locator("#trigger textarea, #trigger input").first.fill("zxq")
-    set_number(page, "train-steps", 4)
+    page.locator("#name textarea").fill(name)
+    page.locator("#trigger textarea").fill("zxq")
+    set_number(page, "train-steps", steps)
     set_number(page, "rank", 4)
     page.locator("#start").click()
+
+
+def test_training_from_uploads_shows_progress_and_adds_the_adapter(page, tmp_path):
+    start_training(page, tmp_path, "browser-style", steps=4)
 
     status = page.locator("#train-status")
     status.get_by_text("finished").wait_for(timeout=240_000)
@@ -86,6 +91,15 @@ def test_training_from_uploads_shows_progress_and_adds_the_adapter(page, tmp_pat
     page.get_by_role("tab", name="Generate").click()
     page.locator("#adapters").get_by_label("browser-style").check()
     page.locator("#adapter-browser-style").get_by_text("zxq").wait_for()
+
+
+def test_cancel_stops_training_and_keeps_the_checkpoint(page, tmp_path):
+    start_training(page, tmp_path, "cancelled-style", steps=10_000)
+    status = page.locator("#train-status")
+    expect(status).to_contain_text(re.compile(r"step \d+ / 10000, loss .*, ETA"), timeout=240_000)
+    page.locator("#cancel").click()
+    expect(status).to_contain_text("cancelled at step", timeout=120_000)
+    expect(status).to_contain_text("the last checkpoint is kept")
 
 
 def test_auth_asks_for_the_login_first(browser, tiny_sd1, adapters_dir, tmp_path):
