@@ -72,7 +72,7 @@ def test_overlapping_requests_each_get_exactly_their_solo_image(studio):
             wrong_weights.append((expected.weights, weights))
 
     hook = studio._loaded.base.pipeline.unet.register_forward_pre_hook(check_weights)
-    order = list(MIXES) * 2
+    order = list(MIXES)
     start_together = threading.Barrier(len(order))
 
     def generate(name):
