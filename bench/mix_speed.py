@@ -55,13 +55,25 @@ def sd15_pipeline():
         cross_attention_dim=768,
         attention_head_dim=8,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu",
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            vocab_size=49408,
+            hidden_act="quick_gelu",
+        )
+    )
     return StableDiffusionPipeline(
-        vae=tiny_vae(), text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
-        scheduler=tiny_scheduler(), safety_checker=None, feature_extractor=None,
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=tiny_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
 
@@ -115,7 +127,9 @@ def bench_steps(ours, theirs, mixer, adapters, counts, latent, runs) -> dict:
     names = [adapter.name for adapter, _ in adapters]
 
     def ours_with(count):
-        return lambda: mixer.set_weights({n: (1.0 / count if i < count else 0.0) for i, n in enumerate(names)})
+        return lambda: mixer.set_weights(
+            {n: (1.0 / count if i < count else 0.0) for i, n in enumerate(names)}
+        )
 
     def theirs_with(count):
         return lambda: theirs.set_adapters(names[:count], [1.0 / count] * count)
@@ -186,10 +200,12 @@ def main() -> None:
         mixer.add(adapter)
         theirs.load_lora_weights(dict(state_dict), adapter_name=adapter.name)
 
-    print(f"SD1.5-sized UNet + CLIP text encoder, random weights; UNet step at {latent * 8} px "
-          f"(latent {latent}x{latent}, batch 2); rank {RANK} on attention; "
-          f"{torch.get_num_threads()} thread(s); {'wall' if args.wall else 'CPU'} time, "
-          f"median of {runs}\n")
+    print(
+        f"SD1.5-sized UNet + CLIP text encoder, random weights; UNet step at {latent * 8} px "
+        f"(latent {latent}x{latent}, batch 2); rank {RANK} on attention; "
+        f"{torch.get_num_threads()} thread(s); {'wall' if args.wall else 'CPU'} time, "
+        f"median of {runs}\n"
+    )
     steps = bench_steps(ours, theirs, mixer, adapters, counts, latent, runs)
     base = steps["base"]
     print("| adapters | sdlora fused | ratio to base | diffusers set_adapters | ratio to base |")
@@ -197,15 +213,27 @@ def main() -> None:
     print(f"| 0 | {base * 1000:.0f} ms | 1.000x | {base * 1000:.0f} ms | 1.000x |")
     for count in counts:
         fused, unfused = steps[("sdlora", count)], steps[("diffusers", count)]
-        print(f"| {count} | {fused * 1000:.0f} ms | {fused / base:.3f}x "
-              f"| {unfused * 1000:.0f} ms | {unfused / base:.3f}x |")
+        print(
+            f"| {count} | {fused * 1000:.0f} ms | {fused / base:.3f}x "
+            f"| {unfused * 1000:.0f} ms | {unfused / base:.3f}x |"
+        )
 
-    print("\n| slider change, 3 adapters | sdlora set_weights | diffusers unfuse+set+fuse | speed-up |")
+    print(
+        "\n| slider change, 3 adapters | sdlora set_weights | diffusers unfuse+set+fuse "
+        "| speed-up |"
+    )
     print("|---|---:|---:|---:|")
-    for label, components in (("UNet", ["unet"]), ("UNet + text encoder", ["unet", "text_encoder"])):
-        ours_seconds, theirs_seconds = bench_slider(ours, theirs, mixer, adapters[:3], components, 5)
-        print(f"| {label} | {ours_seconds * 1000:.1f} ms | {theirs_seconds * 1000:.1f} ms "
-              f"| {theirs_seconds / ours_seconds:.1f}x |")
+    for label, components in (
+        ("UNet", ["unet"]),
+        ("UNet + text encoder", ["unet", "text_encoder"]),
+    ):
+        ours_seconds, theirs_seconds = bench_slider(
+            ours, theirs, mixer, adapters[:3], components, 5
+        )
+        print(
+            f"| {label} | {ours_seconds * 1000:.1f} ms | {theirs_seconds * 1000:.1f} ms "
+            f"| {theirs_seconds / ours_seconds:.1f}x |"
+        )
 
 
 if __name__ == "__main__":

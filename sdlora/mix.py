@@ -169,7 +169,8 @@ class Mixer:
     # -- weights ---------------------------------------------------------------------------
 
     def set_weights(self, weights: Mapping[str, float]) -> None:
-        """Set adapters' global weights; only modules of adapters whose weight changes are touched."""
+        """Set adapters' global weights; only the modules of adapters whose weight changes are
+        touched."""
         with self.lock:
             for name, weight in weights.items():
                 entry = self._entry(name)
@@ -300,8 +301,11 @@ class Mixer:
         if not state.contributions:
             weight.copy_(state.base)
             state.updates_since_refresh = 0
-        elif (self.reproducible or weight.dtype != torch.float32
-              or state.updates_since_refresh >= REFRESH_EVERY):
+        elif (
+            self.reproducible
+            or weight.dtype != torch.float32
+            or state.updates_since_refresh >= REFRESH_EVERY
+        ):
             self._recompute(path, state)
         else:
             add_scaled(weight.data, self._entries[name].layers[path], new - old)

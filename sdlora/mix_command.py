@@ -51,7 +51,10 @@ def mix_command(args) -> None:
     save_adapter(adapter, out)
     ranks = sorted({layer.rank for layer in adapter.layers.values()})
     rank_text = f"rank {ranks[-1]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
-    print(f"wrote {out}: {_describe(weights)}, {len(adapter.layers)} layers, {rank_text}", file=sys.stderr)
+    print(
+        f"wrote {out}: {_describe(weights)}, {len(adapter.layers)} layers, {rank_text}",
+        file=sys.stderr,
+    )
     if args.rank is not None:
         print(f"SVD relative error: {error:.6f}")
 

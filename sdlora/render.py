@@ -50,7 +50,11 @@ def render_command(args) -> None:
         for job in _progress(todo, state):
             renderer.render(job, out)
     skipped = len(shard) - len(todo)
-    where = f" (process {state.process_index + 1}/{state.num_processes})" if state.num_processes > 1 else ""
+    where = (
+        f" (process {state.process_index + 1}/{state.num_processes})"
+        if state.num_processes > 1
+        else ""
+    )
     written = f"{len(todo)} image{'' if len(todo) == 1 else 's'} written"
     print(f"{written}, {skipped} already there, in {out}{where}", file=sys.stderr)
 
@@ -67,7 +71,9 @@ def ensure_writable(out: Path) -> None:
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as error:
-        raise SdloraError(f"output folder {str(out)!r} is not writable ({error.strerror or error})") from None
+        raise SdloraError(
+            f"output folder {str(out)!r} is not writable ({error.strerror or error})"
+        ) from None
 
 
 class Renderer:
@@ -143,7 +149,8 @@ class Renderer:
             "scheduler": args.scheduler,
             "loras": loras,
             "lora_files": {
-                name: {"path": str(self.files[name]), "hash": self.lora_hashes[name]} for name in loras
+                name: {"path": str(self.files[name]), "hash": self.lora_hashes[name]}
+                for name in loras
             },
             "index": job.index,
             "prompt_index": job.row_index,

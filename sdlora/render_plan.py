@@ -88,7 +88,9 @@ def adapters_from_specs(specs: list[str]) -> tuple[dict[str, Path], dict[str, fl
         if not path.is_file():
             raise SdloraError(f"adapter file {str(path)!r} not found")
         if path.stem in files and files[path.stem] != path:
-            raise SdloraError(f"two adapters are named {path.stem!r}: {files[path.stem]} and {path}")
+            raise SdloraError(
+                f"two adapters are named {path.stem!r}: {files[path.stem]} and {path}"
+            )
         files[path.stem] = path
         weights[path.stem] = weight
     return files, weights
@@ -156,10 +158,14 @@ def _jobs_and_grids(args, rows, weights, grids, adapter_files) -> RenderPlan:
                     jobs.append(job)
                     cells[-1].append(job)
             if y_name:
-                result.grids.append(Grid(
-                    f"grid-{cells[0][0].index:05d}-{x_name}-{y_name}.png", cells,
-                    column_labels, [f"{y_name}={y:g}" for y in y_weights],
-                ))
+                result.grids.append(
+                    Grid(
+                        f"grid-{cells[0][0].index:05d}-{x_name}-{y_name}.png",
+                        cells,
+                        column_labels,
+                        [f"{y_name}={y:g}" for y in y_weights],
+                    )
+                )
             elif x_name:
                 shared.cells.extend(cells)
                 label = row.prompt if args.batch == 1 else f"{row.prompt} (#{batch_index + 1})"

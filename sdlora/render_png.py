@@ -29,8 +29,9 @@ from sdlora.models import resolve_base_source
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
-def a1111_parameters(settings: dict, sampler, model_hash: str | None, model_name: str,
-                     lora_hashes: dict[str, str]) -> str:
+def a1111_parameters(
+    settings: dict, sampler, model_hash: str | None, model_name: str, lora_hashes: dict[str, str]
+) -> str:
     """The infotext for one image; `settings` is what goes into the `sdlora` chunk."""
     loras = settings["loras"]
     tags = "".join(f" <lora:{name}:{weight:g}>" for name, weight in loras.items() if weight)
@@ -45,10 +46,13 @@ def a1111_parameters(settings: dict, sampler, model_hash: str | None, model_name
         "Model": model_name,
         "Lora hashes": ", ".join(
             f"{_alias(name)}: {lora_hashes[name]}" for name, weight in loras.items() if weight
-        ) or None,
+        )
+        or None,
         "Version": f"sdlora {settings['version']}",
     }
-    line = ", ".join(f"{key}: {_quote(value)}" for key, value in fields.items() if value is not None)
+    line = ", ".join(
+        f"{key}: {_quote(value)}" for key, value in fields.items() if value is not None
+    )
     negative = f"\nNegative prompt: {settings['negative']}" if settings["negative"] else ""
     return f"{settings['prompt']}{tags}{negative}\n{line}"
 

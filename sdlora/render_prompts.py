@@ -42,7 +42,7 @@ class PromptRow:
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
-    """"style.safetensors:0.7" -> (path, 0.7); the weight defaults to 1.0.
+    """ "style.safetensors:0.7" -> (path, 0.7); the weight defaults to 1.0.
 
     Only the last colon can separate a weight, and only when what follows is a number, so
     Windows paths such as C:\\loras\\style.safetensors stay whole.
@@ -70,13 +70,19 @@ def strip_lora_tags(text: str, where: str) -> tuple[str, dict[str, float]]:
         parts = match.group(1).split(":")
         name = parts[0].strip()
         if not name or len(parts) > 2:
-            raise SdloraError(f"{where}: {match.group(0)!r} is not <lora:name> or <lora:name:weight>")
-        weights[name] = _number(parts[1], f"weight in {match.group(0)}", where) if len(parts) == 2 else 1.0
+            raise SdloraError(
+                f"{where}: {match.group(0)!r} is not <lora:name> or <lora:name:weight>"
+            )
+        weights[name] = (
+            _number(parts[1], f"weight in {match.group(0)}", where) if len(parts) == 2 else 1.0
+        )
     stripped = " ".join(LORA_TAG.sub(" ", text).split())
     return stripped, weights
 
 
-def prompt_row(text: str, negative: str | None = None, line: int = 1, where: str = "--prompt") -> PromptRow:
+def prompt_row(
+    text: str, negative: str | None = None, line: int = 1, where: str = "--prompt"
+) -> PromptRow:
     prompt, loras = strip_lora_tags(text, where)
     if negative:
         negative, negative_loras = strip_lora_tags(negative, where)
@@ -151,7 +157,9 @@ def _read_csv(text: str, path: Path) -> list[PromptRow]:
 def _row_from_fields(record: dict, loras: dict, number: int, where: str) -> PromptRow:
     unknown = sorted(set(record) - set(ROW_FIELDS))
     if unknown:
-        raise SdloraError(f"{where}: unknown field {unknown[0]!r}; fields are {', '.join(ROW_FIELDS)}")
+        raise SdloraError(
+            f"{where}: unknown field {unknown[0]!r}; fields are {', '.join(ROW_FIELDS)}"
+        )
     prompt = record.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise SdloraError(f"{where}: missing 'prompt'")

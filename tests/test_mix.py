@@ -89,7 +89,9 @@ def test_fused_weights_equal_base_plus_weighted_deltas(sd1):
 
 def test_random_changes_match_a_fresh_fuse_and_zero_restores_base_exactly(sd1):
     base = snapshot(sd1)
-    adapters = [random_adapter(sd1, f"a{i}", rank=2 + i, convs=i % 2 == 0, seed=i) for i in range(3)]
+    adapters = [
+        random_adapter(sd1, f"a{i}", rank=2 + i, convs=i % 2 == 0, seed=i) for i in range(3)
+    ]
     mixer = Mixer(sd1)
     for adapter in adapters:
         mixer.add(adapter)
@@ -107,7 +109,9 @@ def test_random_changes_match_a_fresh_fuse_and_zero_restores_base_exactly(sd1):
         else:
             settings[name][2] = {"down": rng.uniform(0, 1), "up.1": rng.uniform(-1, 1), "mid": 0.0}
             mixer.set_block_weights(name, settings[name][2])
-    assert_close(snapshot(sd1), expected_fuse(base, adapters, {k: tuple(v) for k, v in settings.items()}))
+    assert_close(
+        snapshot(sd1), expected_fuse(base, adapters, {k: tuple(v) for k, v in settings.items()})
+    )
 
     mixer.set_weights({adapter.name: 0.0 for adapter in adapters})
     after = snapshot(sd1)
@@ -184,11 +188,20 @@ def test_lycoris_layers_fuse_their_delta(sd1):
     to_q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     conv = "unet.down_blocks.0.resnets.0.conv1"
     layers = {
-        to_q: LohaLayer(*(torch.randn(shape, generator=generator) for shape in
-                          [(32, 2), (2, 32), (32, 2), (2, 32)]), alpha=1.0, weight_shape=(32, 32)),
-        conv: LokrLayer(w1=torch.randn(4, 4, generator=generator),
-                        w2=torch.randn(8, 8, 3, 3, generator=generator), scale=0.1,
-                        weight_shape=(32, 32, 3, 3)),
+        to_q: LohaLayer(
+            *(
+                torch.randn(shape, generator=generator)
+                for shape in [(32, 2), (2, 32), (32, 2), (2, 32)]
+            ),
+            alpha=1.0,
+            weight_shape=(32, 32),
+        ),
+        conv: LokrLayer(
+            w1=torch.randn(4, 4, generator=generator),
+            w2=torch.randn(8, 8, 3, 3, generator=generator),
+            scale=0.1,
+            weight_shape=(32, 32, 3, 3),
+        ),
     }
     adapter = Adapter(name="lyco", layers=layers, family="sd1")
     mixer = Mixer(sd1)
@@ -268,8 +281,14 @@ def test_using_holds_the_lock_while_the_caller_generates(sd1):
 def test_image_changes_only_when_the_weight_moves(sd1):
     def render():
         generator = torch.Generator().manual_seed(0)
-        return sd1("a red house", num_inference_steps=2, height=64, width=64,
-                   generator=generator, output_type="pt").images
+        return sd1(
+            "a red house",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            generator=generator,
+            output_type="pt",
+        ).images
 
     plain = render()
     mixer = Mixer(sd1)

@@ -79,7 +79,9 @@ def test_fused_weights_equal_diffusers_fuse_lora(family, layout, tiny_sd1, tiny_
     theirs.fuse_lora(adapter_names=list(WEIGHTS))
     assert max_difference(mixable_weights(ours), mixable_weights(theirs)) <= 1e-4
     # and the comparison is not vacuous: every component moved, in many modules
-    changed = [key for key, tensor in mixable_weights(ours).items() if not torch.equal(tensor, base[key])]
+    changed = [
+        key for key, tensor in mixable_weights(ours).items() if not torch.equal(tensor, base[key])
+    ]
     components = {"unet", "text_encoder"} | ({"text_encoder_2"} if family == "sdxl" else set())
     assert {key.split(".", 1)[0] for key in changed} == components and len(changed) > 40
 
@@ -90,7 +92,9 @@ def sd1_files(tmp_path_factory) -> dict:
 
 
 def lora_options(files) -> list[str]:
-    return [option for name, path in files.items() for option in ("--lora", f"{path}:{WEIGHTS[name]}")]
+    return [
+        option for name, path in files.items() for option in ("--lora", f"{path}:{WEIGHTS[name]}")
+    ]
 
 
 def test_mix_out_exact_equals_weighted_deltas(tiny_sd1, sd1_files, tmp_path):
@@ -100,15 +104,30 @@ def test_mix_out_exact_equals_weighted_deltas(tiny_sd1, sd1_files, tmp_path):
     sources = {name: load_adapter(path) for name, path in sd1_files.items()}
     assert merged.family == "sd1" and set(merged.layers) == set(sources["first"].layers)
     for path, layer in merged.layers.items():
-        expected = sum(WEIGHTS[n] * a.layers[path].delta() for n, a in sources.items() if path in a.layers)
+        expected = sum(
+            WEIGHTS[n] * a.layers[path].delta() for n, a in sources.items() if path in a.layers
+        )
         error = (layer.delta() - expected).norm() / expected.norm()
         assert error < 2e-3, path  # both sides went through float16 files
 
 
 def test_mix_out_with_rank_prints_the_svd_error(tiny_sd1, sd1_files, tmp_path, capsys):
     out = tmp_path / "reduced.safetensors"
-    assert main(["mix", "--base", str(tiny_sd1), *lora_options(sd1_files), "--out", str(out),
-                 "--rank", "2"]) == 0
+    assert (
+        main(
+            [
+                "mix",
+                "--base",
+                str(tiny_sd1),
+                *lora_options(sd1_files),
+                "--out",
+                str(out),
+                "--rank",
+                "2",
+            ]
+        )
+        == 0
+    )
     printed = re.fullmatch(r"SVD relative error: (\d\.\d+)\n", capsys.readouterr().out)
     assert printed and 0 < float(printed.group(1)) < 1
     assert {layer.rank for layer in load_adapter(out).layers.values()} == {2}
@@ -118,14 +137,33 @@ def test_mix_bake_loads_with_the_fused_weights(tiny_sd1, sd1_files, tmp_path, ca
     from diffusers import DiffusionPipeline
 
     baked = tmp_path / "baked"
-    assert main(["mix", "--base", str(tiny_sd1), *lora_options(sd1_files), "--bake", str(baked)]) == 0
+    assert (
+        main(["mix", "--base", str(tiny_sd1), *lora_options(sd1_files), "--bake", str(baked)]) == 0
+    )
     loaded = DiffusionPipeline.from_pretrained(baked)
     reference = DiffusionPipeline.from_pretrained(tiny_sd1)
     load_into_mixer(Mixer(reference), sd1_files, WEIGHTS)
     expected = mixable_weights(reference)
-    assert all(torch.equal(tensor, expected[key]) for key, tensor in mixable_weights(loaded).items())
+    assert all(
+        torch.equal(tensor, expected[key]) for key, tensor in mixable_weights(loaded).items()
+    )
 
-    assert main(["mix", "--base", str(tiny_sd1), *lora_options(sd1_files), "--bake", str(baked)]) == 2
+    assert (
+        main(["mix", "--base", str(tiny_sd1), *lora_options(sd1_files), "--bake", str(baked)]) == 2
+    )
     assert "already exists and is not empty" in capsys.readouterr().err
-    assert main(["mix", "--base", str(tiny_sd1), *lora_options(sd1_files), "--bake",
-                 str(tmp_path / "other"), "--rank", "4"]) == 2
+    assert (
+        main(
+            [
+                "mix",
+                "--base",
+                str(tiny_sd1),
+                *lora_options(sd1_files),
+                "--bake",
+                str(tmp_path / "other"),
+                "--rank",
+                "4",
+            ]
+        )
+        == 2
+    )
