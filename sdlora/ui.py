@@ -30,15 +30,24 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", default="demo",
-                        help="base model: hub id, diffusers folder, .safetensors or 'demo'")
-    parser.add_argument("--adapters-dir", default="adapters",
-                        help="adapters offered for mixing; trained adapters are written here")
+    parser.add_argument(
+        "--base",
+        default="demo",
+        help="base model: hub id, diffusers folder, .safetensors or 'demo'",
+    )
+    parser.add_argument(
+        "--adapters-dir",
+        default="adapters",
+        help="adapters offered for mixing; trained adapters are written here",
+    )
     parser.add_argument("--models-dir", help="folder of local base models users may choose")
     parser.add_argument("--data-dir", help="folder of training image folders users may name")
     parser.add_argument("--configs-dir", default="configs", help="preset training configs")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (0.0.0.0 shares the UI on the network)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (0.0.0.0 shares the UI on the network)",
+    )
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--auth", metavar="USER:PASSWORD", help="require this login")
 
@@ -57,8 +66,9 @@ def folders_from_args(args: argparse.Namespace) -> Folders:
         if value is not None and not Path(value).is_dir():
             raise SdloraError(f"--{key.replace('_', '-')} {value} is not a folder")
         optional[key.removesuffix("_dir")] = Path(value) if value else None
-    return Folders(adapters=adapters, configs=Path(args.configs_dir), default_base=args.base,
-                   **optional)
+    return Folders(
+        adapters=adapters, configs=Path(args.configs_dir), default_base=args.base, **optional
+    )
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -79,9 +89,14 @@ def build_app(folders: Folders, studio: Studio, trainer: Trainer):
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         gr.Markdown(f"# {TITLE}\nMix LoRA adapters with a slider each, or train a new one.")
-        base = gr.Dropdown(folders.base_choices(), value=folders.default_base,
-                           allow_custom_value=True, label="Base model", elem_id="base",
-                           info="a model from the models folder, or a hub id")
+        base = gr.Dropdown(
+            folders.base_choices(),
+            value=folders.default_base,
+            allow_custom_value=True,
+            label="Base model",
+            elem_id="base",
+            info="a model from the models folder, or a hub id",
+        )
         with gr.Tab("Generate"):
             adapters = generate_tab(folders, studio, base)
         with gr.Tab("Train"):
@@ -91,8 +106,14 @@ def build_app(folders: Folders, studio: Studio, trainer: Trainer):
     return app
 
 
-def launch(app, studio: Studio, host: str, port: int, auth: tuple[str, str] | None = None,
-           block: bool = True):
+def launch(
+    app,
+    studio: Studio,
+    host: str,
+    port: int,
+    auth: tuple[str, str] | None = None,
+    block: bool = True,
+):
     """Serve `app` (only the studio's images as files); block=False returns at once (tests)."""
     from sdlora.ui_training import MAX_UPLOAD_BYTES
 
@@ -114,8 +135,11 @@ def ui_command(args: argparse.Namespace) -> None:
 
     auth = parse_auth(args.auth)
     if args.host not in LOCAL_HOSTS and auth is None:
-        print(f"sdlora ui: warning: listening on {args.host} without --auth: anyone who can "
-              "reach this machine can generate and train", file=sys.stderr)
+        print(
+            f"sdlora ui: warning: listening on {args.host} without --auth: anyone who can "
+            "reach this machine can generate and train",
+            file=sys.stderr,
+        )
     folders = folders_from_args(args)
     studio = Studio(folders)
     launch(build_app(folders, studio, Trainer(folders)), studio, args.host, args.port, auth)

@@ -110,8 +110,9 @@ class Folders:
 
     def data_folder(self, name: str) -> Path:
         if self.data is None:
-            raise SdloraError("naming a folder needs the app started with --data-dir; "
-                              "upload images instead")
+            raise SdloraError(
+                "naming a folder needs the app started with --data-dir; upload images instead"
+            )
         path = contained(self.data, name.strip(), "image folder")
         if not path.is_dir():
             raise SdloraError(f"image folder {name!r} not found in {self.data}")

@@ -59,32 +59,68 @@ def generate_tab(folders: Folders, studio: Studio, base: gr.Dropdown) -> Adapter
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", interactive=True)
             negative = gr.Textbox(label="Negative prompt", elem_id="negative", interactive=True)
             with gr.Row():
-                seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED,
-                                 elem_id="seed", interactive=True)
+                seed = gr.Number(
+                    0,
+                    label="Seed",
+                    precision=0,
+                    minimum=0,
+                    maximum=MAX_SEED,
+                    elem_id="seed",
+                    interactive=True,
+                )
                 randomize = gr.Button("Random seed", elem_id="randomize", size="sm")
-                steps = gr.Slider(1, MAX_STEPS, 20, step=1, label="Steps", elem_id="steps",
-                                  interactive=True)
-                cfg = gr.Slider(1, 20, 7, step=0.5, label="CFG scale", elem_id="cfg",
-                                interactive=True)
+                steps = gr.Slider(
+                    1, MAX_STEPS, 20, step=1, label="Steps", elem_id="steps", interactive=True
+                )
+                cfg = gr.Slider(
+                    1, 20, 7, step=0.5, label="CFG scale", elem_id="cfg", interactive=True
+                )
             with gr.Row():
-                width = gr.Slider(0, MAX_SIZE, 0, step=8, label="Width (0: the base's own)",
-                                  elem_id="width", interactive=True)
-                height = gr.Slider(0, MAX_SIZE, 0, step=8, label="Height (0: the base's own)",
-                                   elem_id="height", interactive=True)
-                scheduler = gr.Dropdown(list(SAMPLERS), value="euler_a", label="Scheduler",
-                                        elem_id="scheduler", interactive=True)
-                batch = gr.Slider(1, MAX_BATCH, 1, step=1, label="Batch count", elem_id="batch",
-                                  interactive=True)
+                width = gr.Slider(
+                    0,
+                    MAX_SIZE,
+                    0,
+                    step=8,
+                    label="Width (0: the base's own)",
+                    elem_id="width",
+                    interactive=True,
+                )
+                height = gr.Slider(
+                    0,
+                    MAX_SIZE,
+                    0,
+                    step=8,
+                    label="Height (0: the base's own)",
+                    elem_id="height",
+                    interactive=True,
+                )
+                scheduler = gr.Dropdown(
+                    list(SAMPLERS),
+                    value="euler_a",
+                    label="Scheduler",
+                    elem_id="scheduler",
+                    interactive=True,
+                )
+                batch = gr.Slider(
+                    1, MAX_BATCH, 1, step=1, label="Batch count", elem_id="batch", interactive=True
+                )
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 show_command = gr.Button("Show render command", elem_id="show-command")
             gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="gallery")
             captions = gr.State([])
-            settings = gr.Textbox(label="Settings of the selected image", lines=3,
-                                  elem_id="settings")
-            command = gr.Textbox(label="Equivalent command", lines=2, max_lines=6,
-                                 buttons=["copy"], interactive=False, visible=False,
-                                 elem_id="command")
+            settings = gr.Textbox(
+                label="Settings of the selected image", lines=3, elem_id="settings"
+            )
+            command = gr.Textbox(
+                label="Equivalent command",
+                lines=2,
+                max_lines=6,
+                buttons=["copy"],
+                interactive=False,
+                visible=False,
+                elem_id="command",
+            )
 
     settings_inputs = [base, prompt, negative, seed, steps, cfg, width, height, scheduler, batch]
     refresh.click(picker.refresh, [box], picker.outputs)
@@ -92,6 +128,7 @@ def generate_tab(folders: Folders, studio: Studio, base: gr.Dropdown) -> Adapter
     gallery.select(_selected_caption, [captions], settings)
 
     with adapter_controls:
+
         @gr.render(inputs=[box, picker.trigger_words])
         def controls(ticked: list[str], words_by_name: dict[str, list[str]]):
             mix_inputs = []
@@ -99,15 +136,17 @@ def generate_tab(folders: Folders, studio: Studio, base: gr.Dropdown) -> Adapter
                 mix_inputs += _adapter_controls(name, words_by_name.get(name, []), prompt)
 
             def run(*values):
-                request = _request(ticked, values[: len(settings_inputs)],
-                                   values[len(settings_inputs):])
+                request = _request(
+                    ticked, values[: len(settings_inputs)], values[len(settings_inputs) :]
+                )
                 images = _user_errors(studio.generate, request)
                 texts = [image.caption for image in images]
                 return [(str(image.path), image.caption) for image in images], texts, texts[0]
 
             def describe(*values):
-                request = _request(ticked, values[: len(settings_inputs)],
-                                   values[len(settings_inputs):])
+                request = _request(
+                    ticked, values[: len(settings_inputs)], values[len(settings_inputs) :]
+                )
                 return gr.update(value=_user_errors(studio.render_command, request), visible=True)
 
             generate.click(run, settings_inputs + mix_inputs, [gallery, captions, settings])
@@ -119,35 +158,67 @@ def generate_tab(folders: Folders, studio: Studio, base: gr.Dropdown) -> Adapter
 def _adapter_controls(name: str, words: list[str], prompt: gr.Textbox) -> list[gr.Slider]:
     """One adapter's weight, trigger words and block weights; returns its sliders."""
     with gr.Group(elem_id=element_id("adapter", name)):
-        weight = gr.Slider(*WEIGHT_RANGE, value=1.0, step=WEIGHT_STEP, label=name,
-                           key=f"weight-{name}", elem_id=element_id("weight", name),
-                           interactive=True)
+        weight = gr.Slider(
+            *WEIGHT_RANGE,
+            value=1.0,
+            step=WEIGHT_STEP,
+            label=name,
+            key=f"weight-{name}",
+            elem_id=element_id("weight", name),
+            interactive=True,
+        )
         if words:
             with gr.Row():
                 gr.Markdown(f"Trigger words: `{', '.join(words)}`")
-                add = gr.Button("Add to prompt", size="sm", key=f"add-{name}",
-                                elem_id=element_id("add-words", name))
+                add = gr.Button(
+                    "Add to prompt",
+                    size="sm",
+                    key=f"add-{name}",
+                    elem_id=element_id("add-words", name),
+                )
             add.click(lambda text: _with_words(text, words), prompt, prompt)
         with gr.Accordion("Per-block weights", open=False, key=f"blocks-{name}"):
-            blocks = [gr.Slider(*WEIGHT_RANGE, value=1.0, step=WEIGHT_STEP, label=block,
-                                key=f"{block}-{name}", elem_id=element_id(block, name),
-                                interactive=True)
-                      for block in UNET_BLOCKS]
+            blocks = [
+                gr.Slider(
+                    *WEIGHT_RANGE,
+                    value=1.0,
+                    step=WEIGHT_STEP,
+                    label=block,
+                    key=f"{block}-{name}",
+                    elem_id=element_id(block, name),
+                    interactive=True,
+                )
+                for block in UNET_BLOCKS
+            ]
     return [weight, *blocks]
 
 
 def _request(names: list[str], settings: tuple, mix: tuple) -> GenerationRequest:
     base, prompt, negative, seed, steps, cfg, width, height, scheduler, batch = settings
-    per_adapter = [mix[index: index + 1 + len(UNET_BLOCKS)]
-                   for index in range(0, len(mix), 1 + len(UNET_BLOCKS))]
+    per_adapter = [
+        mix[index : index + 1 + len(UNET_BLOCKS)]
+        for index in range(0, len(mix), 1 + len(UNET_BLOCKS))
+    ]
     return GenerationRequest(
-        prompt=prompt or "", base=base or "", negative=negative or "", seed=int(seed or 0),
-        steps=int(steps), cfg=float(cfg), width=int(width) or None, height=int(height) or None,
-        scheduler=scheduler, batch=int(batch),
+        prompt=prompt or "",
+        base=base or "",
+        negative=negative or "",
+        seed=int(seed or 0),
+        steps=int(steps),
+        cfg=float(cfg),
+        width=int(width) or None,
+        height=int(height) or None,
+        scheduler=scheduler,
+        batch=int(batch),
         weights={name: float(values[0]) for name, values in zip(names, per_adapter)},
-        block_weights={name: {block: float(value) for block, value in zip(UNET_BLOCKS, values[1:])
-                              if float(value) != 1.0}
-                       for name, values in zip(names, per_adapter)},
+        block_weights={
+            name: {
+                block: float(value)
+                for block, value in zip(UNET_BLOCKS, values[1:])
+                if float(value) != 1.0
+            }
+            for name, values in zip(names, per_adapter)
+        },
     )
 
 

@@ -182,19 +182,26 @@ class Studio:
             "height": request.height or default_size,
             "scheduler": request.scheduler,
             "loras": loras,
-            "lora_blocks": {name: request.block_weights[name] for name in loras
-                            if request.block_weights.get(name)},
-            "lora_files": {name: {"path": str(loaded.adapter_files[name][0]),
-                                  "hash": loaded.lora_hashes[name]} for name in loras},
+            "lora_blocks": {
+                name: request.block_weights[name]
+                for name in loras
+                if request.block_weights.get(name)
+            },
+            "lora_files": {
+                name: {"path": str(loaded.adapter_files[name][0]), "hash": loaded.lora_hashes[name]}
+                for name in loras
+            },
             "batch_index": index,
         }
 
-    def _write(self, image, settings: dict, loaded: _LoadedBase, number: int,
-               scheduler: str) -> GeneratedImage:
+    def _write(
+        self, image, settings: dict, loaded: _LoadedBase, number: int, scheduler: str
+    ) -> GeneratedImage:
         source = Path(loaded.source.rstrip("/\\"))
         model_name = source.stem if source.is_file() else source.name
-        caption = a1111_parameters(settings, get_sampler(scheduler), loaded.model_hash,
-                                   model_name, loaded.lora_hashes)
+        caption = a1111_parameters(
+            settings, get_sampler(scheduler), loaded.model_hash, model_name, loaded.lora_hashes
+        )
         path = self.output_dir / f"{number:05d}-{settings['seed']}.png"
         texts = {"parameters": caption, "sdlora": json.dumps(settings, sort_keys=True)}
         write_png(image, path, texts)
@@ -208,8 +215,9 @@ class Studio:
         return render_command(request, self.folders, native_size)
 
 
-def render_command(request: GenerationRequest, folders: Folders,
-                   native_size: int | None = None) -> str:
+def render_command(
+    request: GenerationRequest, folders: Folders, native_size: int | None = None
+) -> str:
     """The `sdlora render` command line that renders what `request` generates; `native_size`
     (the base's own size) is written out for a size left to the base, as render's default
     is the family's resolution, which a small base may not share."""
@@ -219,15 +227,24 @@ def render_command(request: GenerationRequest, folders: Folders,
     words += ["--prompt", request.prompt]
     if request.negative:
         words += ["--negative", request.negative]
-    words += ["--seed", str(request.seed), "--steps", str(request.steps),
-              "--cfg", f"{request.cfg:g}"]
+    words += [
+        "--seed",
+        str(request.seed),
+        "--steps",
+        str(request.steps),
+        "--cfg",
+        f"{request.cfg:g}",
+    ]
     for flag, size in (("--width", request.width), ("--height", request.height)):
         if size or native_size:
             words += [flag, str(size or native_size)]
     words += ["--scheduler", request.scheduler, "--batch", str(request.batch), "--out", "out/ui"]
     command = shlex.join(words)
-    blocks = {name: request.block_weights[name] for name in request.active_weights
-              if request.block_weights.get(name)}
+    blocks = {
+        name: request.block_weights[name]
+        for name in request.active_weights
+        if request.block_weights.get(name)
+    }
     if blocks:
         command += f"\n# per-block weights have no render flag: {json.dumps(blocks)}"
     return command

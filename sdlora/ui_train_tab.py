@@ -25,40 +25,71 @@ def train_tab(folders: Folders, trainer: Trainer, base: gr.Dropdown, picker: Ada
     presets = list(folders.presets())
     with gr.Row():
         with gr.Column():
-            uploads = gr.File(label="Images (and optional .txt captions)", file_count="multiple",
-                              file_types=[*IMAGE_SUFFIXES, CAPTION_SUFFIX], elem_id="uploads")
+            uploads = gr.File(
+                label="Images (and optional .txt captions)",
+                file_count="multiple",
+                file_types=[*IMAGE_SUFFIXES, CAPTION_SUFFIX],
+                elem_id="uploads",
+            )
             folder = gr.Textbox(
                 label="...or an image folder inside the data folder",
-                interactive=folders.data is not None, elem_id="folder",
+                interactive=folders.data is not None,
+                elem_id="folder",
                 placeholder="folder name" if folders.data else "start the app with --data-dir",
             )
-            preset = gr.Dropdown(presets, value=presets[0] if presets else None,
-                                 label="Preset config", elem_id="preset")
+            preset = gr.Dropdown(
+                presets,
+                value=presets[0] if presets else None,
+                label="Preset config",
+                elem_id="preset",
+            )
             with gr.Row():
                 name = gr.Textbox(label="Adapter name", elem_id="name")
                 trigger = gr.Textbox("sks", label="Trigger word", elem_id="trigger")
             with gr.Row():
                 steps = gr.Number(500, label="Steps", precision=0, minimum=1, elem_id="train-steps")
-                rank = gr.Number(16, label="Rank", precision=0, minimum=1, maximum=MAX_RANK,
-                                 elem_id="rank")
+                rank = gr.Number(
+                    16, label="Rank", precision=0, minimum=1, maximum=MAX_RANK, elem_id="rank"
+                )
             with gr.Row():
                 start = gr.Button("Start", variant="primary", elem_id="start")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
         with gr.Column():
             status = gr.Markdown("No training run yet.", elem_id="train-status")
-            validation = gr.Gallery(label="Validation grids, newest first", columns=1,
-                                    format="png", preview=False, object_fit="contain",
-                                    height=480, elem_id="validation")
+            validation = gr.Gallery(
+                label="Validation grids, newest first",
+                columns=1,
+                format="png",
+                preview=False,
+                object_fit="contain",
+                height=480,
+                elem_id="validation",
+            )
     job_state = gr.State(None)
 
-    def run(job, base_choice, files, folder_name, preset_name, adapter_name, word, step_count,
-            lora_rank, ticked):
+    def run(
+        job,
+        base_choice,
+        files,
+        folder_name,
+        preset_name,
+        adapter_name,
+        word,
+        step_count,
+        lora_rank,
+        ticked,
+    ):
         if job is not None and job.running:
             raise gr.Error("this page already has a run in progress; cancel it first")
         request = TrainingRequest(
-            preset=preset_name or "", name=adapter_name or "", trigger_word=word or "",
-            steps=int(step_count or 0), rank=int(lora_rank or 0), base=base_choice or "",
-            uploads=[str(path) for path in files or []], folder=folder_name or "",
+            preset=preset_name or "",
+            name=adapter_name or "",
+            trigger_word=word or "",
+            steps=int(step_count or 0),
+            rank=int(lora_rank or 0),
+            base=base_choice or "",
+            uploads=[str(path) for path in files or []],
+            folder=folder_name or "",
         )
         try:
             job = trainer.start(request)
@@ -80,9 +111,12 @@ def train_tab(folders: Folders, trainer: Trainer, base: gr.Dropdown, picker: Ada
         job.cancel()
         return describe(job) + "\n\nCancelling after this step..."
 
-    start.click(run, [job_state, base, uploads, folder, preset, name, trigger, steps, rank,
-                      picker.box],
-                [job_state, status, validation, *picker.outputs], concurrency_limit=None)
+    start.click(
+        run,
+        [job_state, base, uploads, folder, preset, name, trigger, steps, rank, picker.box],
+        [job_state, status, validation, *picker.outputs],
+        concurrency_limit=None,
+    )
     cancel.click(stop, job_state, status)
 
 

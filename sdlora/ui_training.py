@@ -61,8 +61,9 @@ class TrainingJob:
         self._started = time.monotonic()
         self._first_step_at: float | None = None
         self._cancel = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"train-{config.output.name}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"train-{config.output.name}", daemon=True
+        )
 
     @property
     def run_dir(self) -> Path:
@@ -110,8 +111,10 @@ class TrainingJob:
             self.message = f"adapter {self.adapter_path.stem} is ready in the Generate tab"
         except KeyboardInterrupt:
             self.state = "cancelled"
-            self.message = (f"cancelled at step {self.step}; the last checkpoint is kept in "
-                            f"{self.run_dir / 'checkpoints'}")
+            self.message = (
+                f"cancelled at step {self.step}; the last checkpoint is kept in "
+                f"{self.run_dir / 'checkpoints'}"
+            )
         except SdloraError as error:
             self.state, self.message = "failed", str(error)
         except Exception as error:  # noqa: BLE001 - the browser gets the reason, not a hang
@@ -128,8 +131,9 @@ class Trainer:
     def start(self, request: TrainingRequest) -> TrainingJob:
         with self.lock:
             if self.job is not None and self.job.running:
-                raise SdloraError(f"adapter {self.job.config.output.name!r} is training; "
-                                  "one run at a time")
+                raise SdloraError(
+                    f"adapter {self.job.config.output.name!r} is training; one run at a time"
+                )
             config = self.config_for(request)
             self.job = TrainingJob(config, self.folders.adapters).start()
             return self.job
@@ -152,8 +156,9 @@ class Trainer:
         data["instance_prompt"] = _with_trigger(data.get("instance_prompt", ""), previous, trigger)
         data["trigger_word"] = trigger
         validation = raw.setdefault("validation", {})
-        validation["prompts"] = [_with_trigger(text, previous, trigger)
-                                 for text in validation.get("prompts", [])]
+        validation["prompts"] = [
+            _with_trigger(text, previous, trigger) for text in validation.get("prompts", [])
+        ]
         lora = raw.setdefault("lora", {})
         ratio = float(lora.get("alpha", lora.get("rank", 1))) / float(lora.get("rank", 1))
         lora["rank"], lora["alpha"] = request.rank, ratio * request.rank
@@ -183,8 +188,10 @@ def _checked_upload(path: Path) -> Path:
     """An image (or caption) the trainer may read, or an error naming the file."""
     suffix = path.suffix.lower()
     if suffix not in (*IMAGE_SUFFIXES, CAPTION_SUFFIX):
-        raise SdloraError(f"{path.name}: only {', '.join(IMAGE_SUFFIXES)} images and "
-                          f"{CAPTION_SUFFIX} captions can be uploaded")
+        raise SdloraError(
+            f"{path.name}: only {', '.join(IMAGE_SUFFIXES)} images and "
+            f"{CAPTION_SUFFIX} captions can be uploaded"
+        )
     if path.stat().st_size > MAX_UPLOAD_BYTES:
         raise SdloraError(f"{path.name} is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
     if suffix != CAPTION_SUFFIX:

@@ -38,9 +38,20 @@ def test_app_py_serves_the_ui_with_its_flags(tiny_sd1, tmp_path):
     port = free_port()
     adapters = tmp_path / "new-adapters"
     process = subprocess.Popen(
-        [sys.executable, "app.py", "--base", str(tiny_sd1), "--adapters-dir", str(adapters),
-         "--port", str(port)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "app.py",
+            "--base",
+            str(tiny_sd1),
+            "--adapters-dir",
+            str(adapters),
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         config = json.loads(wait_for_page(f"http://127.0.0.1:{port}/config", process))
@@ -54,7 +65,10 @@ def test_app_py_serves_the_ui_with_its_flags(tiny_sd1, tmp_path):
 def test_a_bad_flag_is_one_line_not_a_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "app.py", "--data-dir", str(tmp_path / "missing")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     missing = tmp_path / "missing"

@@ -19,14 +19,22 @@ def folders(tmp_path):
         (tmp_path / name).mkdir(parents=True)
     (tmp_path / "models/tiny/model_index.json").write_text("{}")
     (tmp_path / "configs/style.yaml").write_text("base: demo\n")
-    return Folders(adapters=tmp_path / "adapters", configs=tmp_path / "configs",
-                   default_base="demo", models=tmp_path / "models", data=tmp_path / "data")
+    return Folders(
+        adapters=tmp_path / "adapters",
+        configs=tmp_path / "configs",
+        default_base="demo",
+        models=tmp_path / "models",
+        data=tmp_path / "data",
+    )
 
 
 def test_adapters_are_listed_with_their_trigger_words(folders, tiny_sd1):
     pipeline = load_base(str(tiny_sd1)).pipeline
-    save_adapter(random_adapter(pipeline, "oil"), folders.adapters / "oil.safetensors",
-                 metadata={"sdlora.trigger_words": '["sks"]'})
+    save_adapter(
+        random_adapter(pipeline, "oil"),
+        folders.adapters / "oil.safetensors",
+        metadata={"sdlora.trigger_words": '["sks"]'},
+    )
     (folders.adapters / "notes.txt").write_text("not an adapter")
     (folders.adapters / "broken.safetensors").write_bytes(b"garbage")
     (listed,) = folders.list_adapters()
@@ -34,8 +42,9 @@ def test_adapters_are_listed_with_their_trigger_words(folders, tiny_sd1):
     assert folders.adapter_path("oil") == (folders.adapters / "oil.safetensors").resolve()
 
 
-@pytest.mark.parametrize("name", ["../outside/x", "/etc/passwd", "a/b", "", ".hidden", "..",
-                                  "oil\n"])
+@pytest.mark.parametrize(
+    "name", ["../outside/x", "/etc/passwd", "a/b", "", ".hidden", "..", "oil\n"]
+)
 def test_adapter_names_cannot_leave_the_folder(folders, name):
     with pytest.raises(SdloraError):
         folders.adapter_path(name)
@@ -55,8 +64,14 @@ def test_bases_come_from_the_models_folder_or_the_hub(folders, tmp_path):
     assert folders.base_source("") == "demo"
     assert folders.base_source("tiny") == str((tmp_path / "models/tiny").resolve())
     assert folders.base_source("stabilityai/sdxl-turbo") == "stabilityai/sdxl-turbo"
-    for sneaky in ("../outside", str(tmp_path / "outside"), "tiny/../../outside", "models/..",
-                   "a/..", "./x"):
+    for sneaky in (
+        "../outside",
+        str(tmp_path / "outside"),
+        "tiny/../../outside",
+        "models/..",
+        "a/..",
+        "./x",
+    ):
         with pytest.raises(SdloraError):
             folders.base_source(sneaky)
 

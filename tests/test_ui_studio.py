@@ -99,8 +99,13 @@ def test_weight_zero_is_the_base_and_a_new_weight_needs_no_reload(studio):
 
 
 def test_render_command_renders_the_same_image(studio, folders, tmp_path):
-    generation = request(weights={"oil": 0.75, "ink": -0.25}, negative="blurry", cfg=5.0,
-                         scheduler="dpm++_2m_karras", seed=11)
+    generation = request(
+        weights={"oil": 0.75, "ink": -0.25},
+        negative="blurry",
+        cfg=5.0,
+        scheduler="dpm++_2m_karras",
+        seed=11,
+    )
     (image,) = studio.generate(generation)
     words = shlex.split(render_command(generation, folders))
     assert words[:2] == ["sdlora", "render"]
@@ -122,7 +127,8 @@ def test_render_command_spells_out_the_bases_own_size(studio):
 def test_render_command_names_block_weights_it_cannot_express(folders):
     generation = request(weights={"oil": 1.0}, block_weights={"oil": {"mid": 0.5}})
     assert '# per-block weights have no render flag: {"oil": {"mid": 0.5}}' in render_command(
-        generation, folders)
+        generation, folders
+    )
 
 
 def test_batch_count_uses_consecutive_seeds_like_render(studio):
@@ -140,16 +146,19 @@ def test_a_retrained_adapter_file_is_loaded_again(studio, folders, pipeline):
     assert not np.array_equal(first, second)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"weights": {"../oil": 1.0}}, "not a plain file name"),
-    ({"weights": {"missing": 1.0}}, "no adapter named 'missing'"),
-    ({"steps": 0}, "steps must be"),
-    ({"batch": 100}, "batch count"),
-    ({"width": 60}, "not a positive multiple of 8"),
-    ({"width": 4096}, "limited to"),
-    ({"scheduler": "nope"}, "unknown scheduler"),
-    ({"base": "../somewhere"}, "neither a model in the models folder nor a hub id"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"weights": {"../oil": 1.0}}, "not a plain file name"),
+        ({"weights": {"missing": 1.0}}, "no adapter named 'missing'"),
+        ({"steps": 0}, "steps must be"),
+        ({"batch": 100}, "batch count"),
+        ({"width": 60}, "not a positive multiple of 8"),
+        ({"width": 4096}, "limited to"),
+        ({"scheduler": "nope"}, "unknown scheduler"),
+        ({"base": "../somewhere"}, "neither a model in the models folder nor a hub id"),
+    ],
+)
 def test_bad_requests_are_refused_before_generating(studio, changes, message):
     with pytest.raises(SdloraError, match=message):
         studio.generate(request(**changes))

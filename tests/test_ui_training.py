@@ -36,8 +36,14 @@ def images(folder: Path, count: int = 2) -> list[str]:
 
 
 def request(uploads, **changes) -> TrainingRequest:
-    settings = {"preset": "tiny-style", "name": "ink", "trigger_word": "zxq", "steps": 4,
-                "rank": 4, "uploads": uploads}
+    settings = {
+        "preset": "tiny-style",
+        "name": "ink",
+        "trigger_word": "zxq",
+        "steps": 4,
+        "rank": 4,
+        "uploads": uploads,
+    }
     return TrainingRequest(**{**settings, **changes})
 
 
@@ -88,8 +94,9 @@ def test_a_failed_run_reports_why(folders, tmp_path):
 
 def test_the_real_presets_take_the_users_choices(tiny_sd1, tmp_path):
     folders = Folders(adapters=tmp_path, configs=Path("configs"), default_base=str(tiny_sd1))
-    config = Trainer(folders).config_for(request(images(tmp_path / "up"), preset="sd15-style",
-                                                 rank=8, steps=30))
+    config = Trainer(folders).config_for(
+        request(images(tmp_path / "up"), preset="sd15-style", rank=8, steps=30)
+    )
     assert config.data.instance_prompt == "a painting in zxq style"
     assert config.data.trigger_word == "zxq"
     assert all("zxq" in prompt and "sks" not in prompt for prompt in config.validation.prompts)
@@ -97,7 +104,9 @@ def test_the_real_presets_take_the_users_choices(tiny_sd1, tmp_path):
     assert config.base == str(tiny_sd1)
     assert Path(config.output.dir) == tmp_path / "runs" / "ink"
     assert sorted(p.name for p in Path(config.data.instance_dir).iterdir()) == [
-        "upload0.png", "upload1.png"]
+        "upload0.png",
+        "upload1.png",
+    ]
 
 
 def test_uploads_must_be_images_or_captions_within_the_size_limit(folders, tmp_path, monkeypatch):
@@ -115,14 +124,17 @@ def test_uploads_must_be_images_or_captions_within_the_size_limit(folders, tmp_p
         trainer.config_for(request(uploads))
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"name": "../escape"}, "plain name"),
-    ({"trigger_word": " "}, "trigger word"),
-    ({"steps": 0}, "steps must be"),
-    ({"uploads": []}, "upload some images"),
-    ({"uploads": [], "folder": "../etc"}, "--data-dir"),
-    ({"preset": "../configs/sd15-style"}, "unknown preset"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"name": "../escape"}, "plain name"),
+        ({"trigger_word": " "}, "trigger word"),
+        ({"steps": 0}, "steps must be"),
+        ({"uploads": []}, "upload some images"),
+        ({"uploads": [], "folder": "../etc"}, "--data-dir"),
+        ({"preset": "../configs/sd15-style"}, "unknown preset"),
+    ],
+)
 def test_bad_training_requests_are_refused(folders, changes, message):
     with pytest.raises(SdloraError, match=message):
         Trainer(folders).config_for(request(**{"uploads": ["unused.png"], **changes}))

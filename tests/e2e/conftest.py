@@ -19,8 +19,11 @@ def adapters_dir(tiny_sd1, tmp_path_factory):
     """Two adapters for the tiny base; `oil` carries trigger words in its metadata."""
     folder = tmp_path_factory.mktemp("adapters")
     pipeline = load_base(str(tiny_sd1)).pipeline
-    save_adapter(random_adapter(pipeline, "oil", seed=1), folder / "oil.safetensors",
-                 metadata={"sdlora.trigger_words": '["sks", "oil paint"]'})
+    save_adapter(
+        random_adapter(pipeline, "oil", seed=1),
+        folder / "oil.safetensors",
+        metadata={"sdlora.trigger_words": '["sks", "oil paint"]'},
+    )
     save_adapter(random_adapter(pipeline, "ink", seed=2), folder / "ink.safetensors")
     return folder
 
