@@ -1,6 +1,7 @@
 """Train the embedded tiny base (sdlora/assets/demo_base) from nothing, reproducibly from a seed.
 
-    python scripts/train_demo_base.py [--seed 0] [--vae-steps 800] [--unet-steps 3000]
+    python scripts/train_demo_base.py [--seed 0] [--vae-steps 900] [--unet-steps 1800]
+    python scripts/train_demo_base.py --start-from FOLDER --unet-steps N   # train further
 
 1. VAE: reconstruct procedural images (any colours, shapes, stripes, faded colours: a VAE
    should decode more than the base draws, or styles could not be learnt) from the posterior
@@ -37,19 +38,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(demo_base.DEMO_BASE_DIR))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=800)
-    parser.add_argument("--unet-steps", type=int, default=3000)
+    parser.add_argument("--vae-steps", type=int, default=900)
+    parser.add_argument("--unet-steps", type=int, default=1800)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--images", type=int, default=6000, help="size of the captioned set")
-    parser.add_argument("--save-every", type=int, default=500)
+    parser.add_argument("--save-every", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--start-from", help="a saved demo base to train further (keeps its VAE)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.time()
-    pipeline = demo_base.build_demo_pipeline(args.seed)
     rng = random.Random(args.seed)
-    train_vae(pipeline.vae, rng, args.vae_steps)
-    latents, prompts = encode_training_set(pipeline.vae, rng, args.images)
+    if args.start_from:
+        from diffusers import StableDiffusionPipeline
+
+        pipeline = StableDiffusionPipeline.from_pretrained(args.start_from, dtype=torch.float32)
+        pipeline.vae.requires_grad_(False)
+    else:
+        pipeline = demo_base.build_demo_pipeline(args.seed)
+        train_vae(pipeline.vae, rng, args.vae_steps)
+    latents, prompts = encode_training_set(pipeline.vae, rng, args.images,
+                                           rescale=not args.start_from)
     train_denoiser(pipeline, latents, prompts, args, rng)
     tqdm.write(f"done in {(time.time() - started) / 60:.1f} min; saved to {args.out}")
 
@@ -57,11 +66,12 @@ def main() -> None:
 # --- 1. the VAE ---------------------------------------------------------------------------------
 
 def vae_example(rng: random.Random) -> torch.Tensor:
-    """A varied image in [-1, 1]: random colours, often striped or faded, sometimes a named one."""
+    """A varied image in [-1, 1]: mostly the named colours, some random ones, often striped or
+    faded."""
     def colour():
         return tuple(rng.randrange(256) for _ in range(3))
 
-    if rng.random() < 0.5:
+    if rng.random() < 0.8:
         image, _ = demo_base.random_example(rng, demo_base.all_combinations())
     else:
         size, centre = demo_base.random_placement(rng)
@@ -80,7 +90,7 @@ def vae_example(rng: random.Random) -> torch.Tensor:
 
 
 def train_vae(vae, rng: random.Random, steps: int, batch: int = 16) -> None:
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=1e-4)
     vae.train()
     progress = tqdm(range(steps), desc="VAE", dynamic_ncols=True)
@@ -121,8 +131,10 @@ def to_images(pixels: torch.Tensor) -> list:
     return [Image.fromarray(item) for item in array]
 
 
-def encode_training_set(vae, rng: random.Random, count: int) -> tuple[torch.Tensor, list[str]]:
-    """Latents (unscaled means) of `count` captioned images; sets the VAE's scaling factor."""
+def encode_training_set(vae, rng: random.Random, count: int,
+                        rescale: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """Scaled latents (posterior means) of `count` captioned images; `rescale` first sets the
+    VAE's scaling factor to 1 / std of the latents."""
     examples = [demo_base.random_example(rng, demo_base.training_combinations())
                 for _ in range(count)]
     chunks = []
@@ -131,8 +143,9 @@ def encode_training_set(vae, rng: random.Random, count: int) -> tuple[torch.Tens
             pixels = to_pixels([image for image, _ in examples[start:start + 128]])
             chunks.append(vae.encode(pixels).latent_dist.mode())
     latents = torch.cat(chunks)
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    tqdm.write(f"latent scaling factor {vae.config.scaling_factor:.4f}")
+    if rescale:
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+        tqdm.write(f"latent scaling factor {vae.config.scaling_factor:.4f}")
     return latents * vae.config.scaling_factor, [caption for _, caption in examples]
 
 
