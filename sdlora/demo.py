@@ -165,7 +165,7 @@ def render_grid(adapters: dict[str, Path], path: Path, cell: int = 128) -> Path:
     rows = [[image.resize((cell, cell), Image.Resampling.BICUBIC)
              for image in render(pipeline, mixer, weights, GRID_PROMPTS, seeds)]
             for _, weights in GRID_ROWS]
-    columns = [demo_base.prompt(*combo).replace(" background", "") for combo in GRID_PROMPTS]
+    columns = [f"{colour} {shape} on {background}" for colour, shape, background in GRID_PROMPTS]
     labelled_grid(rows, [label for label, _ in GRID_ROWS], columns).save(path)
     return path
 
