@@ -68,8 +68,7 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
     pipeline, family = base.pipeline, base.family
     unet, vae = pipeline.unet, pipeline.vae
     text_encoders, tokenizers = base.text_encoders, base.tokenizers
-    for module in (unet, vae, *text_encoders):
-        module.requires_grad_(False).to(device)
+    freeze([unet, vae, *text_encoders], device)
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
@@ -241,6 +240,13 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
     path = output.final_adapter(current_adapter(), data, step)
     accelerator.end_training()
     return path
+
+
+def freeze(modules: list[torch.nn.Module], device: torch.device) -> None:
+    """No gradients for the base's own weights. A function, not a loop in `train`, so that no
+    loop variable keeps a text encoder alive after the text cache has let it go."""
+    for module in modules:
+        module.requires_grad_(False).to(device)
 
 
 def launched_on_cpus() -> bool:
