@@ -184,57 +184,66 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
 
     # --- the loop ------------------------------------------------------------------------------
     accumulation = config.train.gradient_accumulation
+
+    def accumulate_gradients(step: int) -> torch.Tensor:
+        """Forward and backward over the micro-batches of one optimizer step; the last loss."""
+        for micro in range(accumulation):
+            global_index = (step * accumulation + micro) * accelerator.num_processes \
+                + accelerator.process_index
+            generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + global_index)
+            torch.manual_seed(config.train.seed + global_index)  # LoRA dropout
+            syncing = micro == accumulation - 1
+            with contextlib.ExitStack() as stack:
+                if not syncing:
+                    for model in models.values():
+                        stack.enter_context(accelerator.no_sync(model))
+                epoch, indices = data.batch("instance", global_index)
+                loss = micro_batch_loss(indices, epoch, generator)
+                if "class" in data.kinds:
+                    epoch, indices = data.batch("class", global_index)
+                    loss = loss + config.data.prior_loss_weight * micro_batch_loss(
+                        indices, epoch, generator)
+                if not torch.isfinite(loss):
+                    raise SdloraError(non_finite_message(loss, step, config.output.dir))
+                accelerator.backward(loss / accumulation)
+        return loss
+
     params = [p for group in optimizer.param_groups for p in group["params"]]
     progress = tqdm(total=config.train.steps, initial=start_step, desc=f"training {config.output.name}",
                     disable=not main, dynamic_ncols=True)
     step = start_step
     for model in models.values():
         model.train()
-    try:
-        while step < config.train.steps:
-            for micro in range(accumulation):
-                global_index = (step * accumulation + micro) * accelerator.num_processes \
-                    + accelerator.process_index
-                generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + global_index)
-                torch.manual_seed(config.train.seed + global_index)  # LoRA dropout
-                syncing = micro == accumulation - 1
-                with contextlib.ExitStack() as stack:
-                    if not syncing:
-                        for model in models.values():
-                            stack.enter_context(accelerator.no_sync(model))
-                    epoch, indices = data.batch("instance", global_index)
-                    loss = micro_batch_loss(indices, epoch, generator)
-                    if "class" in data.kinds:
-                        epoch, indices = data.batch("class", global_index)
-                        loss = loss + config.data.prior_loss_weight * micro_batch_loss(
-                            indices, epoch, generator)
-                    if not torch.isfinite(loss):
-                        raise SdloraError(non_finite_message(loss, step, config.output.dir))
-                    accelerator.backward(loss / accumulation)
-            if config.train.max_grad_norm:
-                accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
-            optimizer.step()
-            lr_schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            if on_step is not None:
-                on_step(step, loss_value)
+    # On CPU, oneDNN copies every frozen conv weight into its own layout on every call;
+    # PyTorch's own conv trains faster and peaks lower there (bench/train_speed.py).
+    with torch.backends.mkldnn.flags(enabled=device.type != "cpu"):
+        try:
+            while step < config.train.steps:
+                loss = accumulate_gradients(step)
+                if config.train.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
+                optimizer.step()
+                lr_schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+                if on_step is not None:
+                    on_step(step, loss_value)
 
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.2e}")
-            output.log_scalars(step, loss=loss_value, lr=lr_schedule.get_last_lr()[0])
-            if validator and config.validation.every and step % config.validation.every == 0:
-                output.validation_grid(validator, step, models)
-            if config.checkpoint.every and step % config.checkpoint.every == 0 \
-                    and step < config.train.steps:
-                accelerator.wait_for_everyone()
-                output.checkpoint(step, training_state, current_adapter)
-    except KeyboardInterrupt:
-        progress.close()
-        output.checkpoint(step, training_state, current_adapter)
-        output.say(f"interrupted at step {step}; checkpoint saved, continue with --resume latest")
-        raise
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.2e}")
+                output.log_scalars(step, loss=loss_value, lr=lr_schedule.get_last_lr()[0])
+                if validator and config.validation.every and step % config.validation.every == 0:
+                    output.validation_grid(validator, step, models)
+                if config.checkpoint.every and step % config.checkpoint.every == 0 \
+                        and step < config.train.steps:
+                    accelerator.wait_for_everyone()
+                    output.checkpoint(step, training_state, current_adapter)
+        except KeyboardInterrupt:
+            progress.close()
+            output.checkpoint(step, training_state, current_adapter)
+            output.say(f"interrupted at step {step}; checkpoint saved, continue with --resume latest")
+            raise
     progress.close()
     accelerator.wait_for_everyone()
     path = output.final_adapter(current_adapter(), data, step)
