@@ -17,7 +17,6 @@ class Family:
     kohya_text_prefixes: tuple[str, ...]  # kohya key prefix per text encoder, same order
     kohya_unet_ldm_names: bool  # kohya writes LDM-style UNet names (input_blocks_4_1_...)
     cross_attention_dim: int  # of the full-size model
-    default_resolution: int
     kohya_base_version: str  # value of ss_base_model_version that kohya-aware tools read
 
 
@@ -29,7 +28,6 @@ FAMILIES: dict[str, Family] = {
         kohya_text_prefixes=("lora_te",),
         kohya_unet_ldm_names=False,
         cross_attention_dim=768,
-        default_resolution=512,
         kohya_base_version="sd_v1",
     ),
     "sd2": Family(
@@ -39,7 +37,6 @@ FAMILIES: dict[str, Family] = {
         kohya_text_prefixes=("lora_te",),
         kohya_unet_ldm_names=False,
         cross_attention_dim=1024,
-        default_resolution=768,
         kohya_base_version="sd_v2",
     ),
     "sdxl": Family(
@@ -49,7 +46,6 @@ FAMILIES: dict[str, Family] = {
         kohya_text_prefixes=("lora_te1", "lora_te2"),
         kohya_unet_ldm_names=True,
         cross_attention_dim=2048,
-        default_resolution=1024,
         kohya_base_version="sdxl_base_v1-0",
     ),
 }

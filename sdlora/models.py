@@ -34,6 +34,12 @@ class Base:
         return [getattr(self.pipeline, name) for name in self.family.text_encoders]
 
     @property
+    def native_size(self) -> int:
+        """The image side the UNet was built for (512 for SD1.5, 768 for SD2-v, 1024 for SDXL,
+        less for a tiny base): the default wherever no size is given."""
+        return self.pipeline.unet.config.sample_size * self.pipeline.vae_scale_factor
+
+    @property
     def tokenizers(self) -> list:
         names = ["tokenizer", "tokenizer_2"][: len(self.family.text_encoders)]
         return [getattr(self.pipeline, name) for name in names]

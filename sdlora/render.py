@@ -132,7 +132,7 @@ class Renderer:
     def settings(self, job: Job) -> dict:
         """Everything that decides the image, as written into the `sdlora` PNG chunk."""
         row, args = job.row, self.args
-        default_size = self.base.family.default_resolution
+        default_size = self.base.native_size
         loras = {name: weight for name, weight in job.weights.items() if weight}
         return {
             "version": sdlora.__version__,

@@ -144,7 +144,7 @@ class Studio:
             mixer=Mixer(base.pipeline, reproducible=True),
             scheduler_config=base.pipeline.scheduler.config,
             model_hash=model_hash(source),
-            native_size=base.pipeline.unet.config.sample_size * base.pipeline.vae_scale_factor,
+            native_size=base.native_size,
         )
         return self._loaded
 

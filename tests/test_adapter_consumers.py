@@ -20,15 +20,6 @@ from sdlora.adapters.write import save_adapter
 LORA_SCALE = 0.7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: one thread is faster, and avoids oversubscribing a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def every_module_adapter(pipeline, family: str, text_encoder: bool) -> Adapter:
     """LoRA on every Linear/Conv2d of the UNet (and text encoders), ranks 2-4, alphas != rank."""
     generator = torch.Generator().manual_seed(1)

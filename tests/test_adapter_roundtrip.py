@@ -14,15 +14,6 @@ from sdlora.errors import SdloraError
 from sdlora.tiny import build_tiny_pipeline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: one thread is faster, and avoids oversubscribing a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipelines():
     return {family: build_tiny_pipeline(family) for family in ("sd1", "sdxl")}

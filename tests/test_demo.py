@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from sdlora import demo, demo_base
@@ -20,15 +19,6 @@ pytestmark = pytest.mark.slow
 STATISTICS = {"sepia": demo_base.saturation, "stripes": demo_base.stripe_energy}
 SEEDS = range(12)
 COMBOS = [demo_base.training_combinations()[seed * 4 % 52] for seed in SEEDS]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model runs fastest on one thread; on a busy machine, by far."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

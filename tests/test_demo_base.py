@@ -11,15 +11,6 @@ from sdlora.models import load_base
 SEEDS = range(50)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model runs fastest on one thread; on a busy machine, by far."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_loads_as_an_sd1_pipeline_with_diffusers_and_as_base_demo():
     from diffusers import StableDiffusionPipeline
 

@@ -295,3 +295,12 @@ def test_every_sampler_builds_from_the_base_config_and_steps(name):
         sample = scheduler.step(torch.zeros_like(model_input), timestep, sample).prev_sample
     assert torch.isfinite(sample).all()
     assert get_sampler(name.replace("_", " ").upper()) is SAMPLERS[name]
+
+
+def test_default_size_is_the_bases_native_size(tiny_sd1, tmp_path):
+    """No --width/--height: the size the UNet was built for (64 px here), not SD1.5's 512."""
+    code = main(["render", "--base", str(tiny_sd1), "--out", str(tmp_path), "--steps", "1",
+                 "--prompt", "a cat"])
+    assert code == 0
+    (image,) = tmp_path.glob("*.png")
+    assert Image.open(image).size == (64, 64)

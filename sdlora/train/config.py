@@ -32,7 +32,7 @@ class DataConfig:
     class_prompt: str | None = None
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
-    resolution: int | None = None  # None: the family's native resolution
+    resolution: int | None = None  # None: the base's native size (unet sample_size x 8)
     bucket: bool = True  # aspect-ratio buckets
     random_crop: bool = False
     random_flip: bool = False

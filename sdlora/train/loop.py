@@ -72,7 +72,7 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    resolution = config.data.resolution or family.default_resolution
+    resolution = config.data.resolution or base.native_size
     output.resolution, output.v_prediction = resolution, base.prediction_type == "v_prediction"
 
     # --- data ----------------------------------------------------------------------------------
