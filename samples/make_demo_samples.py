@@ -2,8 +2,9 @@
 
     python samples/make_demo_samples.py
 
-Procedural and reproducible (seed 0): the base's kind of picture, one shape on a plain
-background, toned sepia or crossed by horizontal stripes; each caption names the content.
+Reproducible (seed 0): pictures the demo base draws for its own training prompts, kept when
+they read back as their prompt, toned sepia or crossed by horizontal stripes; each caption is
+the prompt. Run it again whenever the demo base changes.
 """
 
 import sys

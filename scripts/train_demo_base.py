@@ -1,7 +1,13 @@
 """Train the embedded tiny base (sdlora/assets/demo_base) from nothing, reproducibly from a seed.
 
-    python scripts/train_demo_base.py [--seed 0] [--vae-steps 900] [--unet-steps 1800]
+    python scripts/train_demo_base.py [--seed 0] [--vae-steps 2500] [--unet-steps 3600]
     python scripts/train_demo_base.py --start-from FOLDER --unet-steps N   # train further
+
+The committed base came from: the first command with the defaults (seed 0), its step-2400 save
+(the folder is rewritten every --save-every steps: copy it then), then --start-from that copy
+with --unet-steps 3000: 12 + 10 + 15 minutes on one CPU thread. On the tests' 50 seeds it
+draws 92% of the held-out prompts and 98% of the seen ones as told, and its VAE keeps 78% of
+the stripes' energy (the previous base: 60% held-out, 20% of the stripes).
 
 1. VAE: reconstruct procedural images (any colours, shapes, stripes, faded colours: a VAE
    should decode more than the base draws, or styles could not be learnt) from the posterior
@@ -38,8 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(demo_base.DEMO_BASE_DIR))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=900)
-    parser.add_argument("--unet-steps", type=int, default=1800)
+    parser.add_argument("--vae-steps", type=int, default=2500)
+    parser.add_argument("--unet-steps", type=int, default=3600)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--images", type=int, default=6000, help="size of the captioned set")
     parser.add_argument("--save-every", type=int, default=300)

@@ -214,9 +214,7 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
     step = start_step
     for model in models.values():
         model.train()
-    # On CPU, oneDNN copies every frozen conv weight into its own layout on every call;
-    # PyTorch's own conv trains faster and peaks lower there (bench/train_speed.py).
-    with torch.backends.mkldnn.flags(enabled=device.type != "cpu"):
+    with native_conv_on_cpu(device):
         try:
             while step < config.train.steps:
                 loss = accumulate_gradients(step)
@@ -256,6 +254,18 @@ def freeze(modules: list[torch.nn.Module], device: torch.device) -> None:
     loop variable keeps a text encoder alive after the text cache has let it go."""
     for module in modules:
         module.requires_grad_(False).to(device)
+
+
+@contextlib.contextmanager
+def native_conv_on_cpu(device: torch.device):
+    """On CPU, oneDNN copies every frozen conv weight into its own layout on every call;
+    PyTorch's own conv trains faster and peaks lower there (bench/RESULTS-train.md)."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = previous and device.type != "cpu"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
 
 
 def launched_on_cpus() -> bool:
