@@ -5,7 +5,7 @@
 
 The committed base came from: the first command with the defaults (seed 0), its step-2400 save
 (the folder is rewritten every --save-every steps: copy it then), then --start-from that copy
-with --unet-steps 3000: 12 + 10 + 15 minutes on one CPU thread. On the tests' 50 seeds it
+with --unet-steps 3000: about 25 + 15 minutes on one CPU thread. On the tests' 50 seeds it
 draws 92% of the held-out prompts and 98% of the seen ones as told, and its VAE keeps 78% of
 the stripes' energy (the previous base: 60% held-out, 20% of the stripes).
 

@@ -16,6 +16,7 @@ horizontal bands 16 pixels apart), so an adapter has only the style to learn;
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,20 +81,27 @@ def make_style_samples(folder: Path = SAMPLES_DIR, count: int = 24, seed: int = 
     rng = random.Random(seed)
     combos = demo_base.training_combinations()
     kept: list[tuple[Image.Image, str]] = []
-    attempt = 0
-    while len(kept) < count:
+    for attempt in range(10 * count):
         combo = rng.choice(combos)
         image = pipeline(demo_base.prompt(*combo), generator=torch.Generator().manual_seed(attempt),
                          **RENDER).images[0]
-        attempt += 1
         if demo_base.measure(image).matches(*combo):
             kept.append((image, demo_base.prompt(*combo)))
+        if len(kept) == count:
+            break
+    else:
+        raise SdloraError(f"the demo base drew only {len(kept)} of {10 * count} prompts as told; "
+                          "retrain it with python scripts/train_demo_base.py")
     for style, function in STYLE_FUNCTIONS.items():
-        target = folder / style
-        target.mkdir(parents=True, exist_ok=True)
+        # Written beside the target, then renamed: an interrupted run leaves no half-filled style.
+        partial = folder / f".{style}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
         for index, (image, caption) in enumerate(kept):
-            function(image).save(target / f"{index:03d}.png")
-            (target / f"{index:03d}.txt").write_text(caption + "\n", encoding="utf-8")
+            function(image).save(partial / f"{index:03d}.png")
+            (partial / f"{index:03d}.txt").write_text(caption + "\n", encoding="utf-8")
+        shutil.rmtree(folder / style, ignore_errors=True)
+        partial.rename(folder / style)
 
 
 def load_plain_base():

@@ -47,6 +47,12 @@ def element_id(prefix: str, name: str) -> str:
     return f"{prefix}-{re.sub(r'[^A-Za-z0-9_-]', '_', name)}"
 
 
+def size_slider(label: str) -> gr.Slider:
+    """Width or height in multiples of 8; 0 leaves it to the base."""
+    return gr.Slider(0, MAX_SIZE, 0, step=8, label=f"{label} (0: the base's own)",
+                     elem_id=label.lower(), interactive=True)
+
+
 def generate_tab(folders: Folders, studio: Studio, base: gr.Dropdown) -> AdapterPicker:
     with gr.Row():
         with gr.Column(scale=1, min_width=280):
@@ -76,24 +82,7 @@ def generate_tab(folders: Folders, studio: Studio, base: gr.Dropdown) -> Adapter
                     1, 20, 7, step=0.5, label="CFG scale", elem_id="cfg", interactive=True
                 )
             with gr.Row():
-                width = gr.Slider(
-                    0,
-                    MAX_SIZE,
-                    0,
-                    step=8,
-                    label="Width (0: the base's own)",
-                    elem_id="width",
-                    interactive=True,
-                )
-                height = gr.Slider(
-                    0,
-                    MAX_SIZE,
-                    0,
-                    step=8,
-                    label="Height (0: the base's own)",
-                    elem_id="height",
-                    interactive=True,
-                )
+                width, height = size_slider("Width"), size_slider("Height")
                 scheduler = gr.Dropdown(
                     list(SAMPLERS),
                     value="euler_a",

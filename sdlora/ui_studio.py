@@ -77,7 +77,6 @@ class _LoadedBase:
     mixer: object  # sdlora.mix.Mixer
     scheduler_config: dict
     model_hash: str | None
-    native_size: int  # what the pipeline draws when no size is given
     # adapter name -> (file, mtime in ns): a file rewritten by training is loaded again
     adapter_files: dict[str, tuple[Path, int]] = field(default_factory=dict)
     lora_hashes: dict[str, str] = field(default_factory=dict)
@@ -144,7 +143,6 @@ class Studio:
             mixer=Mixer(base.pipeline, reproducible=True),
             scheduler_config=base.pipeline.scheduler.config,
             model_hash=model_hash(source),
-            native_size=base.native_size,
         )
         return self._loaded
 
@@ -166,7 +164,7 @@ class Studio:
 
     def _settings(self, request: GenerationRequest, loaded: _LoadedBase, index: int) -> dict:
         """The `sdlora` PNG chunk, with the keys `sdlora render` writes."""
-        default_size = loaded.native_size
+        default_size = loaded.base.native_size
         loras = request.active_weights
         return {
             "version": sdlora.__version__,
@@ -211,7 +209,7 @@ class Studio:
         """`render_command`, with the base's own size filled in once that base is loaded."""
         loaded = self._loaded
         source = self.folders.base_source(request.base)
-        native_size = loaded.native_size if loaded and loaded.source == source else None
+        native_size = loaded.base.native_size if loaded and loaded.source == source else None
         return render_command(request, self.folders, native_size)
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from sdlora import demo, demo_base
 from sdlora.cli import main
+from sdlora.errors import SdloraError
 
 pytestmark = pytest.mark.slow
 
@@ -100,3 +101,10 @@ def test_both_styles_are_made_from_the_same_base_pictures():
         assert sepia_path.with_suffix(".txt").read_text() == stripes_path.with_suffix(".txt").read_text()
         toned = np.asarray(demo.sepia(Image.open(stripes_path)))
         assert np.array_equal(toned[untouched], np.asarray(Image.open(sepia_path))[untouched])
+
+
+def test_a_base_that_draws_wrong_is_a_clear_error_and_writes_no_samples(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_base, "measure", lambda image: demo_base.Reading(None, None, None))
+    with pytest.raises(SdloraError, match="drew only 0 of 10 prompts as told; retrain it"):
+        demo.make_style_samples(tmp_path, count=1)
+    assert not any(tmp_path.iterdir())

@@ -103,6 +103,14 @@ def test_frozen_text_encoder_and_vae_are_freed_once_cached(tiny_sd1, tmp_path, m
     assert during_training == [(True, True)] * 3
 
 
+def test_cpu_training_uses_native_conv_and_restores_onednn_after(tiny_sd1, tmp_path):
+    """oneDNN is off only while the loop runs: the web UI renders with it after training."""
+    during = []
+    train(tiny_config(tiny_sd1, tmp_path), on_step=lambda step, loss: during.append(
+        torch.backends.mkldnn.enabled))
+    assert during == [False] * 3 and torch.backends.mkldnn.enabled
+
+
 def interrupt_at(step_to_stop):
     def on_step(step, loss):
         if step == step_to_stop:
