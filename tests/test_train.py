@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -109,6 +114,33 @@ def test_cpu_training_uses_native_conv_and_restores_onednn_after(tiny_sd1, tmp_p
     train(tiny_config(tiny_sd1, tmp_path), on_step=lambda step, loss: during.append(
         torch.backends.mkldnn.enabled))
     assert during == [False] * 3 and torch.backends.mkldnn.enabled
+
+
+FREE_A_BLOCK_WHILE_TUNED = """
+import os, torch
+from sdlora.train.cpu_tuning import tuned_for_cpu
+
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+larger = torch.ones(24 << 20, dtype=torch.uint8)
+del larger  # raises glibc's own mmap and trim thresholds above 8 MiB
+with tuned_for_cpu(torch.device("cpu")):
+    block = torch.ones(8 << 20, dtype=torch.uint8)
+    holding = resident()
+    del block
+    print((holding - resident()) / (8 << 20))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
+def test_cpu_training_gives_freed_blocks_back_to_the_os():
+    """An 8 MiB block freed while training leaves resident memory at once (a fresh process:
+    glibc's thresholds depend on everything the process freed before)."""
+    env = {name: value for name, value in os.environ.items() if name != "MALLOC_MMAP_THRESHOLD_"}
+    returned = subprocess.run([sys.executable, "-c", FREE_A_BLOCK_WHILE_TUNED], env=env,
+                              capture_output=True, text=True, check=True).stdout
+    assert float(returned) > 0.75, returned
 
 
 def interrupt_at(step_to_stop):

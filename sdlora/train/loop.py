@@ -29,6 +29,7 @@ from sdlora.train import checkpoints
 from sdlora.train.cache import LatentCache, TextCache, encode_latents
 from sdlora.train.conditioning import encode_text, unet_conditioning
 from sdlora.train.config import Config
+from sdlora.train.cpu_tuning import tuned_for_cpu
 from sdlora.train.data import TrainingData
 from sdlora.train.dataset import IMAGE_SUFFIXES
 from sdlora.train.lora import (
@@ -41,6 +42,7 @@ from sdlora.train.lora import (
     parameter_groups,
 )
 from sdlora.train.output import OutputWriter
+from sdlora.train.recompute import recompute_feed_forwards
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -96,6 +98,8 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
             parameter.data = parameter.data.float()  # trainable weights stay fp32
     if config.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    else:
+        recompute_feed_forwards(unet)
         for name, model in trained.items():
             if name != "unet":
                 model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -214,7 +218,7 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
     step = start_step
     for model in models.values():
         model.train()
-    with native_conv_on_cpu(device):
+    with tuned_for_cpu(device):
         try:
             while step < config.train.steps:
                 loss = accumulate_gradients(step)
@@ -254,18 +258,6 @@ def freeze(modules: list[torch.nn.Module], device: torch.device) -> None:
     loop variable keeps a text encoder alive after the text cache has let it go."""
     for module in modules:
         module.requires_grad_(False).to(device)
-
-
-@contextlib.contextmanager
-def native_conv_on_cpu(device: torch.device):
-    """On CPU, oneDNN copies every frozen conv weight into its own layout on every call;
-    PyTorch's own conv trains faster and peaks lower there (bench/RESULTS-train.md)."""
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = previous and device.type != "cpu"
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = previous
 
 
 def launched_on_cpus() -> bool:
