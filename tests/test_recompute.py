@@ -47,3 +47,15 @@ def test_recomputed_feed_forwards_give_the_same_gradients_and_keep_less(tiny_sd1
     assert grads.keys() == plain_grads.keys()
     assert all(torch.equal(grads[name], plain_grads[name]) for name in grads)
     assert saved < 0.85 * plain_saved, (saved, plain_saved)
+
+
+def test_training_with_recomputed_feed_forwards_writes_the_same_adapter(tiny_sd1, tmp_path):
+    from test_train import adapter_tensors, tiny_config
+
+    from sdlora.train.loop import train
+
+    adapters = [adapter_tensors(train(tiny_config(
+        tiny_sd1, tmp_path / str(recompute), lora={"targets": "transformer", "dropout": 0.1},
+        train={"recompute_feed_forward": recompute})))[0] for recompute in (False, True)]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][key], adapters[1][key]) for key in adapters[0])

@@ -67,6 +67,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
+    recompute_feed_forward: bool = True  # a third less activation memory, ~10% more step time
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
     seed: int = 0

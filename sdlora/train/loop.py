@@ -98,7 +98,7 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
             parameter.data = parameter.data.float()  # trainable weights stay fp32
     if config.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    else:
+    elif config.train.recompute_feed_forward:
         recompute_feed_forwards(unet)
         for name, model in trained.items():
             if name != "unet":
