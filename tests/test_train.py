@@ -108,6 +108,32 @@ def test_frozen_text_encoder_and_vae_are_freed_once_cached(tiny_sd1, tmp_path, m
     assert during_training == [(True, True)] * 3
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradient_checkpointing_reaches_the_trained_text_encoder(tiny_sd1, tmp_path, monkeypatch,
+                                                                 checkpointing):
+    """train.gradient_checkpointing, and only it, checkpoints the UNet and a trained text
+    encoder; without it the UNet's feed-forwards are recomputed instead."""
+    import sdlora.train.loop as loop
+
+    loaded = []
+
+    def load_and_keep(*args, **kwargs):
+        loaded.append(load_base(*args, **kwargs))
+        return loaded[-1]
+
+    seen = []
+
+    def on_step(step, loss):
+        pipeline = loaded[0].pipeline
+        seen.append((pipeline.unet.is_gradient_checkpointing,
+                     pipeline.text_encoder.is_gradient_checkpointing))
+
+    monkeypatch.setattr(loop, "load_base", load_and_keep)
+    train(tiny_config(tiny_sd1, tmp_path, lora={"text_encoder": True},
+                      train={"gradient_checkpointing": checkpointing}), on_step=on_step)
+    assert seen == [(checkpointing, checkpointing)] * 3
+
+
 def test_cpu_training_uses_native_conv_and_restores_onednn_after(tiny_sd1, tmp_path):
     """oneDNN is off only while the loop runs: the web UI renders with it after training."""
     during = []

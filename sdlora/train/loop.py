@@ -98,11 +98,11 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
             parameter.data = parameter.data.float()  # trainable weights stay fp32
     if config.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    elif config.train.recompute_feed_forward:
-        recompute_feed_forwards(unet)
         for name, model in trained.items():
             if name != "unet":
                 model.gradient_checkpointing_enable({"use_reentrant": False})
+    elif config.train.recompute_feed_forward:
+        recompute_feed_forwards(unet)
 
     # --- caches: the VAE encoder and a frozen text encoder leave the step ----------------------
     def embed(captions: list[str]):
