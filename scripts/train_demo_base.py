@@ -106,11 +106,18 @@ def vae_example(rng: random.Random) -> torch.Tensor:
         tone = np.array([rng.uniform(0.6, 1.2) for _ in range(3)], dtype=np.float32)
         pixels = np.clip(pixels + rng.uniform(0.3, 1.0) * (grey * tone - pixels), 0, 1)
     if rng.random() < 0.3:  # brightness bands of a random period and direction
-        period, phase = rng.randrange(6, 24), rng.randrange(24)
-        bands = ((np.arange(64) + phase) // (period / 2)) % 2 == 0
-        factor = np.where(bands, rng.uniform(0.4, 0.9), 1.0).astype(np.float32)
+        factor = band_factors(rng, rng.randrange(6, 24), 24, 0.4, 0.9)
         pixels = pixels * (factor[:, None, None] if rng.random() < 0.5 else factor[None, :, None])
     return torch.from_numpy(pixels).permute(2, 0, 1) * 2 - 1
+
+
+def band_factors(rng: random.Random, period: int, phases: int, darkest: float,
+                 lightest: float) -> np.ndarray:
+    """A brightness factor per row (or column): every other band of period / 2 pixels, from a
+    random phase, darkened to one random factor between `darkest` and `lightest`."""
+    phase = rng.randrange(phases)
+    bands = ((np.arange(demo_base.RESOLUTION) + phase) // (period / 2)) % 2 == 0
+    return np.where(bands, rng.uniform(darkest, lightest), 1.0).astype(np.float32)
 
 
 def train_vae(vae, rng: random.Random, steps: int, batch: int = 16) -> None:
@@ -137,9 +144,8 @@ def weak_stripes(pixels: torch.Tensor, rng: random.Random) -> torch.Tensor:
     """Half the time, bands darkened by 2-50% (mostly horizontal, mostly 16 pixels apart)."""
     if rng.random() < 0.5:
         return pixels
-    period, phase = rng.choice([8, 12, 16, 16, 16, 24, 32]), rng.randrange(32)
-    bands = ((np.arange(pixels.shape[-1]) + phase) // (period / 2)) % 2 == 0
-    factor = torch.from_numpy(np.where(bands, 1 - rng.uniform(0.02, 0.5), 1.0).astype(np.float32))
+    factor = torch.from_numpy(band_factors(rng, rng.choice([8, 12, 16, 16, 16, 24, 32]), 32,
+                                           0.5, 0.98))
     factor = factor[None, :, None] if rng.random() < 0.7 else factor[None, None, :]
     return ((pixels + 1) / 2 * factor) * 2 - 1
 
