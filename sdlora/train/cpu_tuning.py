@@ -31,7 +31,7 @@ def tuned_for_cpu(device: torch.device):
         torch.backends.mkldnn.enabled = previous
 
 
-def keep_large_blocks_out_of_the_heap() -> bool:
+def keep_large_blocks_out_of_the_heap() -> None:
     """Have glibc serve blocks of 1 MiB and more from mmap for the rest of the process.
 
     glibc's heap never gives back memory below its top, and its mmap threshold rises to 32 MiB
@@ -40,14 +40,13 @@ def keep_large_blocks_out_of_the_heap() -> bool:
     activations go back to the OS at once: SD1.5-sized UNet at 256 px, peak RSS 4.40 -> 4.25
     GiB, paid for in page faults (fresh pages for each large block). glibc has no call that
     restores its moving threshold, so it stays fixed; a threshold the user set with
-    MALLOC_MMAP_THRESHOLD_ is left alone. Returns whether it was set.
+    MALLOC_MMAP_THRESHOLD_ is left alone.
     """
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or platform.libc_ver()[0] != "glibc":
-        return False
+        return
     libc = ctypes.CDLL("libc.so.6")
     # Free space above 2 MiB at the heap's top goes back too (glibc's own rule: twice the mmap
     # threshold), and malloc_trim returns what loading and caching left free inside the heap.
-    done = (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
-            and libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_BYTES) == 1)
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_BYTES)
     libc.malloc_trim(0)
-    return done
