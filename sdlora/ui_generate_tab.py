@@ -3,6 +3,8 @@
 Ticking an adapter renders its controls (`gr.render`): a weight slider, its trigger words with
 a button that puts them in the prompt, and per-block weights in a collapsed section. Every
 request sends the whole mix to `Studio.generate`, so each browser gets its own sliders' mix.
+With "Render on release" ticked, letting go of any adapter slider renders at once, as Generate
+does (only the last release of a quick series runs).
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ def generate_tab(folders: Folders, studio: Studio, base: gr.Dropdown) -> Adapter
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 show_command = gr.Button("Show render command", elem_id="show-command")
+                live = gr.Checkbox(True, label="Render on release", elem_id="live", interactive=True,
+                                   info="render as soon as an adapter slider is let go")
             gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="gallery")
             captions = gr.State([])
             settings = gr.Textbox(
@@ -138,7 +142,16 @@ def generate_tab(folders: Folders, studio: Studio, base: gr.Dropdown) -> Adapter
                 )
                 return gr.update(value=_user_errors(studio.render_command, request), visible=True)
 
-            generate.click(run, settings_inputs + mix_inputs, [gallery, captions, settings])
+            def run_if_live(is_live: bool, *values):
+                if not is_live:
+                    return gr.skip(), gr.skip(), gr.skip()
+                return run(*values)
+
+            outputs = [gallery, captions, settings]
+            generate.click(run, settings_inputs + mix_inputs, outputs)
+            for slider in mix_inputs:
+                slider.release(run_if_live, [live, *settings_inputs, *mix_inputs], outputs,
+                               trigger_mode="always_last")
             show_command.click(describe, settings_inputs + mix_inputs, command)
 
     return picker

@@ -20,8 +20,7 @@ def set_number(page, element_id: str, value) -> None:
 
 def generate(page) -> np.ndarray:
     """Click Generate and return the pixels of the image the gallery then shows."""
-    image = page.locator("#gallery img").first
-    before = image.get_attribute("src") if image.count() else None
+    before = gallery_source(page)
     page.locator("#generate").click()
     page.wait_for_function(
         "before => { const img = document.querySelector('#gallery img');"
@@ -33,7 +32,18 @@ def generate(page) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB"))
 
 
+def gallery_source(page) -> str | None:
+    image = page.locator("#gallery img").first
+    return image.get_attribute("src") if image.count() else None
+
+
+def small_fast_settings(page) -> None:
+    for element_id, value in (("steps", 3), ("width", 64), ("height", 64), ("seed", 7)):
+        set_number(page, element_id, value)
+
+
 def test_slider_weight_changes_the_generated_image(page):
+    page.get_by_label("Render on release").uncheck()  # only Generate renders here
     page.get_by_label("oil").check()
     page.locator("#weight-oil").wait_for()
     page.locator("#prompt textarea").fill("a lighthouse")
@@ -41,8 +51,7 @@ def test_slider_weight_changes_the_generated_image(page):
     page.wait_for_function(
         "() => document.querySelector('#prompt textarea').value === 'a lighthouse, sks, oil paint'"
     )
-    for element_id, value in (("steps", 3), ("width", 64), ("height", 64), ("seed", 7)):
-        set_number(page, element_id, value)
+    small_fast_settings(page)
 
     set_number(page, "weight-oil", 0)
     at_zero = generate(page)
@@ -59,6 +68,27 @@ def test_slider_weight_changes_the_generated_image(page):
     expect(page.locator("#command textarea")).to_have_value(re.compile(r"^sdlora render "))
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "ui-generate.png"), full_page=True)
+
+
+def test_letting_go_of_a_slider_renders_without_generate(page):
+    page.get_by_label("oil").check()
+    page.locator("#prompt textarea").fill("a lighthouse")
+    small_fast_settings(page)
+    weight = page.locator("#weight-oil input[type=range]")
+    box = weight.bounding_box()
+    weight.click(position={"x": box["width"] * 0.25, "y": box["height"] / 2})  # press, let go
+    page.wait_for_function("() => document.querySelector('#gallery img')")
+    chosen = float(page.locator("#weight-oil input[type=number]").input_value())
+    assert chosen != 1.0
+    expect(page.locator("#settings textarea")).to_have_value(
+        re.compile(re.escape(f"<lora:oil:{chosen:g}>"))
+    )
+
+    page.get_by_label("Render on release").uncheck()
+    shown = gallery_source(page)
+    weight.click(position={"x": box["width"] * 0.75, "y": box["height"] / 2})
+    page.wait_for_timeout(3000)
+    assert gallery_source(page) == shown
 
 
 def start_training(page, folder, name: str, steps: int) -> None:
