@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--start-from", help="a saved demo base to train further (keeps its VAE)")
     parser.add_argument("--decoder-steps", type=int, default=0,
                         help="with --start-from: first teach the VAE decoder weak stripes")
+    parser.add_argument("--vae-lightest-band", type=float, default=0.9,
+                        help="the weakest brightness bands among the VAE's pictures (1 = none)")
     parser.add_argument("--texture-sigma", type=float, default=0.0,
                         help="strength of the random brightness bands on the UNet's images")
     args = parser.parse_args()
@@ -79,7 +81,7 @@ def main() -> None:
             train_decoder_on_weak_stripes(pipeline.vae, rng, args.decoder_steps)
     else:
         pipeline = demo_base.build_demo_pipeline(args.seed)
-        train_vae(pipeline.vae, rng, args.vae_steps)
+        train_vae(pipeline.vae, rng, args.vae_steps, args.vae_lightest_band)
     latents, prompts = encode_training_set(pipeline.vae, rng, args.images,
                                            rescale=not args.start_from,
                                            texture_sigma=args.texture_sigma)
@@ -89,7 +91,7 @@ def main() -> None:
 
 # --- 1. the VAE ---------------------------------------------------------------------------------
 
-def vae_example(rng: random.Random) -> torch.Tensor:
+def vae_example(rng: random.Random, lightest_band: float = 0.9) -> torch.Tensor:
     """A varied image in [-1, 1]: mostly the named colours, some random ones, often striped or
     faded."""
     def colour():
@@ -106,7 +108,7 @@ def vae_example(rng: random.Random) -> torch.Tensor:
         tone = np.array([rng.uniform(0.6, 1.2) for _ in range(3)], dtype=np.float32)
         pixels = np.clip(pixels + rng.uniform(0.3, 1.0) * (grey * tone - pixels), 0, 1)
     if rng.random() < 0.3:  # brightness bands of a random period and direction
-        factor = band_factors(rng, rng.randrange(6, 24), 24, 0.4, 0.9)
+        factor = band_factors(rng, rng.randrange(6, 24), 24, 0.4, lightest_band)
         pixels = pixels * (factor[:, None, None] if rng.random() < 0.5 else factor[None, :, None])
     return torch.from_numpy(pixels).permute(2, 0, 1) * 2 - 1
 
@@ -120,13 +122,14 @@ def band_factors(rng: random.Random, period: int, phases: int, darkest: float,
     return np.where(bands, rng.uniform(darkest, lightest), 1.0).astype(np.float32)
 
 
-def train_vae(vae, rng: random.Random, steps: int, batch: int = 16) -> None:
+def train_vae(vae, rng: random.Random, steps: int, lightest_band: float,
+              batch: int = 16) -> None:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=1e-4)
     vae.train()
     progress = tqdm(range(steps), desc="VAE", dynamic_ncols=True)
     for _ in progress:
-        pixels = torch.stack([vae_example(rng) for _ in range(batch)])
+        pixels = torch.stack([vae_example(rng, lightest_band) for _ in range(batch)])
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.mode()).sample
         loss = F.l1_loss(reconstruction, pixels) + F.mse_loss(reconstruction, pixels) \
