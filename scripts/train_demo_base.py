@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--start-from", help="a saved demo base to train further (keeps its VAE)")
     parser.add_argument("--decoder-steps", type=int, default=0,
                         help="with --start-from: first teach the VAE decoder weak stripes")
-    parser.add_argument("--vae-lightest-band", type=float, default=0.9,
+    parser.add_argument("--vae-lightest-band", type=float, default=LIGHTEST_BAND,
                         help="the weakest brightness bands among the VAE's pictures (1 = none)")
     parser.add_argument("--texture-sigma", type=float, default=0.0,
                         help="strength of the random brightness bands on the UNet's images")
@@ -104,7 +104,10 @@ def main() -> None:
 
 # --- 1. the VAE ---------------------------------------------------------------------------------
 
-def vae_example(rng: random.Random, lightest_band: float = 0.9) -> torch.Tensor:
+LIGHTEST_BAND = 0.9  # the weakest brightness bands among the VAE's pictures (committed recipe)
+
+
+def vae_example(rng: random.Random, lightest_band: float = LIGHTEST_BAND) -> torch.Tensor:
     """A varied image in [-1, 1]: mostly the named colours, some random ones, often striped or
     faded."""
     def colour():
@@ -145,8 +148,7 @@ def train_vae(vae, rng: random.Random, steps: int, lightest_band: float,
         pixels = torch.stack([vae_example(rng, lightest_band) for _ in range(batch)])
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.mode()).sample
-        loss = F.l1_loss(reconstruction, pixels) + F.mse_loss(reconstruction, pixels) \
-            + 1e-6 * posterior.kl().mean()
+        loss = reconstruction_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -154,6 +156,10 @@ def train_vae(vae, rng: random.Random, steps: int, lightest_band: float,
         progress.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
     tqdm.write(f"VAE reconstructions read back right: {vae_accuracy(vae, rng)}")
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    return F.l1_loss(reconstruction, pixels) + F.mse_loss(reconstruction, pixels)
 
 
 def weak_stripes(pixels: torch.Tensor, rng: random.Random) -> torch.Tensor:
@@ -180,12 +186,17 @@ def train_decoder_on_weak_stripes(vae, rng: random.Random, steps: int, batch: in
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.mode()
         reconstruction = vae.decode(latents).sample
-        loss = F.l1_loss(reconstruction, pixels) + F.mse_loss(reconstruction, pixels)
+        loss = reconstruction_loss(reconstruction, pixels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         progress.set_postfix(loss=f"{loss.item():.4f}")
     vae.requires_grad_(False)
+
+
+# Smooths white noise into brightness profiles (3 px Gaussian, unit gain on the noise's power).
+BAND_KERNEL = np.exp(-0.5 * (np.arange(-8, 9) / 3.0) ** 2)
+BAND_KERNEL /= np.sqrt((BAND_KERNEL ** 2).sum())
 
 
 def brightness_bands(image, rng: random.Random, sigma: float):
@@ -194,12 +205,9 @@ def brightness_bands(image, rng: random.Random, sigma: float):
     a picture (it keeps a half-strength style's weak stripes) without drawing visible ones."""
     from PIL import Image
 
-    kernel = np.exp(-0.5 * (np.arange(-8, 9) / 3.0) ** 2)
-    kernel /= np.sqrt((kernel ** 2).sum())
-
     def profile(length: int) -> np.ndarray:
-        noise = np.array([rng.gauss(0, 1) for _ in range(length + len(kernel) - 1)])
-        return (1 + sigma * np.convolve(noise, kernel, mode="valid")).astype(np.float32)
+        noise = np.array([rng.gauss(0, 1) for _ in range(length + len(BAND_KERNEL) - 1)])
+        return (1 + sigma * np.convolve(noise, BAND_KERNEL, mode="valid")).astype(np.float32)
 
     pixels = np.asarray(image, dtype=np.float32)
     pixels = pixels * profile(pixels.shape[0])[:, None, None] * profile(pixels.shape[1])[None, :, None]
