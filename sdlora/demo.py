@@ -46,7 +46,7 @@ RENDER = {"num_inference_steps": 20, "guidance_scale": 4.0}
 
 # --- the styles ---------------------------------------------------------------------------------
 
-def sepia(image: Image.Image, amount: float = 0.6) -> Image.Image:
+def sepia(image: Image.Image, amount: float = 0.5) -> Image.Image:
     """Blend `amount` of the classic sepia tone matrix into the image: warmer, less saturated."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     matrix = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]],

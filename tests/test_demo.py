@@ -2,7 +2,8 @@
 
 An adapter at weight 1 moves its style statistic (saturation for sepia, stripe energy for
 stripes) at least half of the way from the base's images to its training images, about half
-as far at 0.5, not at all at 0, while `measure` still reads the prompt's shape and colours.
+as far at 0.5 (0.3-0.7 of its move at 1), not at all at 0, while `measure` still reads the
+prompt's shape and colours.
 """
 
 
@@ -80,16 +81,16 @@ def test_style_moves_its_statistic_at_weight_1_and_keeps_the_content(weighted, s
 @pytest.mark.parametrize("style", [
     "sepia",
     pytest.param("stripes", marks=pytest.mark.xfail(strict=True, reason=(
-        "open: at 0.5 the stripes adapter moves its statistic about 0.1 of its move at 1. The "
-        "base's denoiser, trained on flat pictures, removes weak stripes as noise and its VAE "
-        "decoder damps weak latent stripes; bases with textured training pictures reach 0.2-0.37 "
-        "but draw their prompts worse (scripts/train_demo_base.py, item 3)"))),
+        "open: at 0.5 the stripes adapter moves its statistic about 0.2 of its move at 1. The "
+        "VAE decoder draws half-way latents about half-striped, but in the last sampling steps "
+        "the base's denoiser, trained on flat pictures, pulls weak stripes back towards none "
+        "(scripts/train_demo_base.py, item 3)"))),
 ])
 def test_half_weight_moves_the_statistic_about_half_as_far(weighted, style):
     base_images, training, _, half, full = weighted[style]
     moved_half = moved(style, half, base_images, training)
     moved_full = moved(style, full, base_images, training)
-    assert 0.2 * moved_full <= moved_half <= 0.8 * moved_full, (moved_half, moved_full)
+    assert 0.3 * moved_full <= moved_half <= 0.7 * moved_full, (moved_half, moved_full)
 
 
 def test_both_styles_are_made_from_the_same_base_pictures():

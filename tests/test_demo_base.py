@@ -54,3 +54,40 @@ def test_draws_held_out_combinations_as_told():
 @pytest.mark.slow
 def test_draws_seen_combinations_as_told():
     assert accuracy(demo_base.training_combinations()) >= 0.8
+
+
+def test_a_latent_half_way_to_a_striped_picture_decodes_about_half_striped():
+    """A style at half weight draws latents part-way between the plain and the styled
+    picture's: the VAE decoder must draw those part-way too, not smooth weak stripes away."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from sdlora.demo import stripes
+
+    vae = AutoencoderKL.from_pretrained(demo_base.DEMO_BASE_DIR / "vae", dtype=torch.float32)
+    rng = random.Random(2)
+    plain = [demo_base.draw(combo[1], combo[0], combo[2], *demo_base.random_placement(rng))
+             for combo in demo_base.all_combinations()[::5]]
+    striped, half_striped = [stripes(i) for i in plain], [stripes(i, darken=0.775) for i in plain]
+
+    def latents(images):
+        pixels = torch.stack([torch.from_numpy(np.asarray(i, dtype=np.float32) / 127.5 - 1)
+                              .permute(2, 0, 1) for i in images])
+        return vae.encode(pixels).latent_dist.mode()
+
+    def decoded(latent):
+        pixels = ((vae.decode(latent).sample.clamp(-1, 1) + 1) * 127.5).round().byte()
+        return [Image.fromarray(item.permute(1, 2, 0).numpy()) for item in pixels]
+
+    def energy(images):
+        return float(np.mean([demo_base.stripe_energy(image) for image in images]))
+
+    with torch.no_grad():
+        plain_latents, striped_latents = latents(plain), latents(striped)
+        ends = energy(decoded(plain_latents)), energy(decoded(striped_latents))
+        middle = energy(decoded((plain_latents + striped_latents) / 2))
+    assert ends[1] - ends[0] >= 0.8 * (energy(striped) - energy(plain)), "full stripes are damped"
+    decoded_half = (middle - ends[0]) / (ends[1] - ends[0])
+    drawn_half = (energy(half_striped) - energy(plain)) / (energy(striped) - energy(plain))
+    assert decoded_half >= 0.8 * drawn_half, (decoded_half, drawn_half)
