@@ -28,12 +28,13 @@ held-out prompts and 100% of the seen ones as told (item 3 for its VAE).
    switched off for the last 5 of 20 steps leaves no stripes), and there the base's denoiser,
    which has only seen flat pictures, pulls weak stripes back towards none. Tried and dropped,
    ratio at 0.5 / held-out accuracy: faint random brightness bands on all the UNet's pictures
-   (--texture-sigma, in git history before this item was written; 0.20-0.37, but 82-58% and random bands in the base's
-   pictures; no gain on top of this decoder), striped pictures only below timestep 300-500
-   (0.13-0.16; the base then keeps 73% of half stripes at timestep 50 in one step, against
-   18%), and for the stripes adapter: the up or down blocks only (0.19, 0.14), attention and
-   feed-forward only (0.12), rank 2 or 16 (0.20, 0.22), dropout 0.2 (0.18), min-SNR 5 (0.18),
-   weaker training stripes (0.20), other samplers or guidance (0.20-0.22).
+   (--texture-sigma, in git history before this item was written; 0.20-0.37, but 82-58% and
+   random bands in the base's pictures; no gain on top of this decoder), striped pictures only
+   below timestep 300-500 (0.13-0.16; the base then keeps 73% of half stripes at timestep 50
+   in one step, against 18%), and for the stripes adapter: the up or down blocks only (0.19,
+   0.14), attention and feed-forward only (0.12), rank 2 or 16 (0.20, 0.22), dropout 0.2
+   (0.18), min-SNR 5 (0.18), weaker training stripes (0.20), other samplers or guidance
+   (0.20-0.22).
 4. Every --save-every steps the pipeline is saved in fp16 (so a good-enough model exists if
    the run is stopped) and its accuracy on held-out prompts is printed.
 """
