@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--vae-lightest-band", type=float, default=LIGHTEST_BAND,
                         help="the weakest brightness bands among the VAE's pictures (1 = none)")
     args = parser.parse_args()
+    if args.decoder_steps and not args.start_from:
+        parser.error("--decoder-steps fine-tunes a trained base: give it with --start-from FOLDER")
     torch.set_num_threads(args.threads)
     started = time.time()
     rng = random.Random(args.seed)
@@ -121,18 +123,19 @@ def vae_example(rng: random.Random, lightest_band: float = LIGHTEST_BAND) -> tor
         tone = np.array([rng.uniform(0.6, 1.2) for _ in range(3)], dtype=np.float32)
         pixels = np.clip(pixels + rng.uniform(0.3, 1.0) * (grey * tone - pixels), 0, 1)
     if rng.random() < 0.3:  # brightness bands of a random period and direction
-        factor = band_factors(rng, rng.randrange(6, 24), 24, 0.4, lightest_band)
-        pixels = pixels * (factor[:, None, None] if rng.random() < 0.5 else factor[None, :, None])
+        pixels = pixels * band_factors(rng, rng.randrange(6, 24), 24, 0.4, lightest_band, 0.5)
     return torch.from_numpy(pixels).permute(2, 0, 1) * 2 - 1
 
 
 def band_factors(rng: random.Random, period: int, phases: int, darkest: float,
-                 lightest: float) -> np.ndarray:
-    """A brightness factor per row (or column): every other band of period / 2 pixels, from a
-    random phase, darkened to one random factor between `darkest` and `lightest`."""
+                 lightest: float, horizontal_share: float) -> np.ndarray:
+    """Brightness factors to multiply a (height, width, channels) picture by: every other band
+    of period / 2 pixels, from a random phase, darkened to one random factor between `darkest`
+    and `lightest`; the bands run across the picture with probability `horizontal_share`."""
     phase = rng.randrange(phases)
     bands = ((np.arange(demo_base.RESOLUTION) + phase) // (period / 2)) % 2 == 0
-    return np.where(bands, rng.uniform(darkest, lightest), 1.0).astype(np.float32)
+    factor = np.where(bands, rng.uniform(darkest, lightest), 1.0).astype(np.float32)
+    return factor[:, None, None] if rng.random() < horizontal_share else factor[None, :, None]
 
 
 def train_vae(vae, rng: random.Random, steps: int, lightest_band: float,
@@ -163,10 +166,8 @@ def striped_pair(rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
     """A VAE picture and the same picture with bands darkened to 30-80% (mostly horizontal,
     mostly 16 pixels apart), both in [-1, 1]."""
     pixels = vae_example(rng, lightest_band=1.0)
-    factor = torch.from_numpy(band_factors(rng, rng.choice([8, 12, 16, 16, 16, 24, 32]), 32,
-                                           0.3, 0.8))
-    factor = factor[None, :, None] if rng.random() < 0.7 else factor[None, None, :]
-    return pixels, ((pixels + 1) / 2 * factor) * 2 - 1
+    factor = band_factors(rng, rng.choice([8, 12, 16, 16, 16, 24, 32]), 32, 0.3, 0.8, 0.7)
+    return pixels, ((pixels + 1) / 2 * torch.from_numpy(factor).permute(2, 0, 1)) * 2 - 1
 
 
 def train_decoder_on_interpolations(vae, rng: random.Random, steps: int,

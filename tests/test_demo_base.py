@@ -61,32 +61,32 @@ def test_a_latent_half_way_to_a_striped_picture_decodes_about_half_striped():
     picture's: the VAE decoder must draw those part-way too, not smooth weak stripes away."""
     import numpy as np
     from diffusers import AutoencoderKL
-    from PIL import Image
+    from diffusers.image_processor import VaeImageProcessor
 
     from sdlora.demo import stripes
 
     vae = AutoencoderKL.from_pretrained(demo_base.DEMO_BASE_DIR / "vae", dtype=torch.float32)
+    processor = VaeImageProcessor(do_resize=False)
     rng = random.Random(2)
     plain = [demo_base.draw(combo[1], combo[0], combo[2], *demo_base.random_placement(rng))
              for combo in demo_base.all_combinations()[::5]]
-    striped, half_striped = [stripes(i) for i in plain], [stripes(i, darken=0.775) for i in plain]
+    darken = 0.55
+    striped = [stripes(image, darken) for image in plain]
+    half_striped = [stripes(image, (1 + darken) / 2) for image in plain]
 
     def latents(images):
-        pixels = torch.stack([torch.from_numpy(np.asarray(i, dtype=np.float32) / 127.5 - 1)
-                              .permute(2, 0, 1) for i in images])
-        return vae.encode(pixels).latent_dist.mode()
-
-    def decoded(latent):
-        pixels = ((vae.decode(latent).sample.clamp(-1, 1) + 1) * 127.5).round().byte()
-        return [Image.fromarray(item.permute(1, 2, 0).numpy()) for item in pixels]
+        return vae.encode(processor.preprocess(images)).latent_dist.mode()
 
     def energy(images):
         return float(np.mean([demo_base.stripe_energy(image) for image in images]))
 
+    def decoded_energy(latent):
+        return energy(processor.postprocess(vae.decode(latent).sample))
+
     with torch.no_grad():
         plain_latents, striped_latents = latents(plain), latents(striped)
-        ends = energy(decoded(plain_latents)), energy(decoded(striped_latents))
-        middle = energy(decoded((plain_latents + striped_latents) / 2))
+        ends = decoded_energy(plain_latents), decoded_energy(striped_latents)
+        middle = decoded_energy((plain_latents + striped_latents) / 2)
     assert ends[1] - ends[0] >= 0.8 * (energy(striped) - energy(plain)), "full stripes are damped"
     decoded_half = (middle - ends[0]) / (ends[1] - ends[0])
     drawn_half = (energy(half_striped) - energy(plain)) / (energy(striped) - energy(plain))
