@@ -1,14 +1,16 @@
 """`sdlora demo`: the whole job on the embedded tiny base, offline, on a CPU, in minutes.
 
-    samples/demo/{sepia,stripes}/*.png + .txt captions   (made by samples/make_demo_samples.py)
-    -> configs/demo.yaml, one run of sdlora.train.loop.train per style
+    samples/demo/{plain,sepia,stripes}/*.png + .txt captions (made by samples/make_demo_samples.py)
+    -> configs/demo.yaml, one run of sdlora.train.loop.train per style, paired with plain/
     -> {out}/{style}/{style}.safetensors
     -> the demo base + Mixer: base, each style at 0.5 and 1.0, both mixed
     -> {out}/demo-grid.png (one labelled grid) and the path of every file printed
 
 The styles are the base's own pictures (one per training prompt, kept when `measure` reads
 them as their prompt) given a colour grade (sepia: lower saturation) or a texture (stripes:
-horizontal bands 16 pixels apart), so an adapter has only the style to learn;
+horizontal bands 16 pixels apart), so an adapter has only the style to learn. The unstyled
+pictures are kept in plain/ and given as data.before_dir, so each adapter learns the style at
+every strength and its slider scales it (at 0.5, half the style, not a faint trace of it);
 `sdlora.demo_base.saturation` and `stripe_energy` show its strength and
 `sdlora.demo_base.measure` shows the content staying right.
 """
@@ -31,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = REPO / "samples" / "demo"
 CONFIG_PATH = REPO / "configs" / "demo.yaml"
 STYLES = ("sepia", "stripes")
+ORIGINALS = "plain"  # the unstyled pictures, beside the styles' folders
 STRIPE_PERIOD = 16
 # What the grid shows: one column per prompt, the same seed for every row.
 GRID_PROMPTS = (("red", "circle", "blue"), ("yellow", "square", "green"),
@@ -69,7 +72,8 @@ STYLE_OVERRIDES = {"sepia": (), "stripes": ("train.steps=450", "train.learning_r
 
 
 def make_style_samples(folder: Path = SAMPLES_DIR, count: int = 24, seed: int = 0) -> None:
-    """Write {folder}/{style}/NNN.png with a same-stem .txt caption of the image's content.
+    """Write {folder}/{style}/NNN.png with a same-stem .txt caption of the image's content, and
+    the unstyled pictures as {folder}/plain/NNN.png.
 
     The images are the demo base's own pictures, styled: so an adapter trained on them has
     only the style to learn, not another way of drawing shapes. Only pictures that `measure`
@@ -92,7 +96,7 @@ def make_style_samples(folder: Path = SAMPLES_DIR, count: int = 24, seed: int = 
     else:
         raise SdloraError(f"the demo base drew only {len(kept)} of {10 * count} prompts as told; "
                           "retrain it with python scripts/train_demo_base.py")
-    for style, function in STYLE_FUNCTIONS.items():
+    for style, function in {ORIGINALS: Image.Image.copy, **STYLE_FUNCTIONS}.items():
         # Written beside the target, then renamed: an interrupted run leaves no half-filled style.
         partial = folder / f".{style}.partial"
         shutil.rmtree(partial, ignore_errors=True)
@@ -128,7 +132,8 @@ def style_config(style: str, out: Path, samples: Path = SAMPLES_DIR):
     if not CONFIG_PATH.is_file():
         raise SdloraError(f"{CONFIG_PATH} is missing: sdlora demo runs from a checkout of sdlora")
     return load_config(CONFIG_PATH, overrides=[
-        f"data.instance_dir={samples / style}", f"output.dir={out / style}",
+        f"data.instance_dir={samples / style}", f"data.before_dir={samples / ORIGINALS}",
+        f"output.dir={out / style}",
         f"output.name={style}", *STYLE_OVERRIDES[style],
     ])
 
@@ -155,7 +160,7 @@ def _run_demo(out: Path, samples: Path) -> DemoResult:
     from sdlora.train.loop import train
 
     started = time.time()
-    if not all((samples / style).is_dir() for style in STYLES):
+    if not all((samples / style).is_dir() for style in (ORIGINALS, *STYLES)):
         samples = out / "samples"
         make_style_samples(samples)
     adapters = {}

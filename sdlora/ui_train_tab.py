@@ -37,6 +37,13 @@ def train_tab(folders: Folders, trainer: Trainer, base: gr.Dropdown, picker: Ada
                 elem_id="folder",
                 placeholder="folder name" if folders.data else "start the app with --data-dir",
             )
+            before_folder = gr.Textbox(
+                label="Optional: the same pictures without the style, a folder inside the data "
+                      "folder (same file names): the slider then scales the style",
+                interactive=folders.data is not None,
+                elem_id="before-folder",
+                placeholder="folder name" if folders.data else "start the app with --data-dir",
+            )
             preset = gr.Dropdown(
                 presets,
                 value=presets[0] if presets else None,
@@ -72,6 +79,7 @@ def train_tab(folders: Folders, trainer: Trainer, base: gr.Dropdown, picker: Ada
         base_choice,
         files,
         folder_name,
+        before_folder_name,
         preset_name,
         adapter_name,
         word,
@@ -90,6 +98,7 @@ def train_tab(folders: Folders, trainer: Trainer, base: gr.Dropdown, picker: Ada
             base=base_choice or "",
             uploads=[str(path) for path in files or []],
             folder=folder_name or "",
+            before_folder=before_folder_name or "",
         )
         try:
             job = trainer.start(request)
@@ -113,7 +122,8 @@ def train_tab(folders: Folders, trainer: Trainer, base: gr.Dropdown, picker: Ada
 
     start.click(
         run,
-        [job_state, base, uploads, folder, preset, name, trigger, steps, rank, picker.box],
+        [job_state, base, uploads, folder, before_folder, preset, name, trigger, steps, rank,
+         picker.box],
         [job_state, status, validation, *picker.outputs],
         concurrency_limit=None,
     )

@@ -44,6 +44,7 @@ class TrainingRequest:
     base: str = ""  # the user's choice; "" is the operator's --base
     uploads: list[str] = field(default_factory=list)  # files the browser uploaded
     folder: str = ""  # an image folder inside --data-dir, instead of uploads
+    before_folder: str = ""  # the same pictures unstyled, inside --data-dir (data.before_dir)
 
 
 class TrainingJob:
@@ -152,6 +153,9 @@ class Trainer:
         run_dir = self.folders.adapters / "runs" / name
         data = raw.setdefault("data", {})
         data["instance_dir"] = str(self._images(request, run_dir / "images"))
+        # A preset's originals pair with the preset's images, never with the user's.
+        data["before_dir"] = (str(self.folders.data_folder(request.before_folder))
+                              if request.before_folder.strip() else None)
         previous = data.get("trigger_word")
         data["instance_prompt"] = _with_trigger(data.get("instance_prompt", ""), previous, trigger)
         data["trigger_word"] = trigger

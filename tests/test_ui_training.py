@@ -138,3 +138,18 @@ def test_uploads_must_be_images_or_captions_within_the_size_limit(folders, tmp_p
 def test_bad_training_requests_are_refused(folders, changes, message):
     with pytest.raises(SdloraError, match=message):
         Trainer(folders).config_for(request(**{"uploads": ["unused.png"], **changes}))
+
+
+def test_originals_come_from_the_data_folder_and_never_from_the_preset(tiny_sd1, tmp_path):
+    (tmp_path / "data" / "styled").mkdir(parents=True)
+    (tmp_path / "data" / "plain").mkdir()
+    folders = Folders(adapters=tmp_path / "adapters", configs=Path("configs"),
+                      default_base=str(tiny_sd1), data=tmp_path / "data")
+    trainer = Trainer(folders)
+    # configs/demo.yaml pairs samples/demo/sepia with samples/demo/plain: not the user's images
+    uploaded = trainer.config_for(request(images(tmp_path / "up"), preset="demo"))
+    assert uploaded.data.before_dir is None
+    paired = trainer.config_for(request([], preset="demo", folder="styled", before_folder="plain"))
+    assert Path(paired.data.before_dir) == tmp_path / "data" / "plain"
+    with pytest.raises(SdloraError, match="not found"):
+        trainer.config_for(request([], preset="demo", folder="styled", before_folder="missing"))

@@ -27,32 +27,43 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 
 class LatentCache:
-    """Latents by dataset index; `mode` is "memory" or "disk"."""
+    """Latents by dataset index; `mode` is "memory" or "disk". With paired data (before_dir)
+    the originals' latents are kept too, in `before_batch`."""
 
     def __init__(self, vae, dataset, mode: str, folder: Path, show_progress: bool = True):
         self.latents: dict[int, torch.Tensor] = {}
-        disk = mode == "disk"
-        if disk:
-            folder.mkdir(parents=True, exist_ok=True)
+        self.before_latents: dict[int, torch.Tensor] = {}
+        self.vae, self.folder = vae, folder if mode == "disk" else None
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
             for index in tqdm(range(len(dataset)), desc="caching latents", disable=not show_progress):
                 item = dataset.image(index)
-                path = folder / f"{_cache_key(item)}.safetensors"
-                if disk and path.is_file():
-                    latent = load_file(path)["latent"]
-                else:
-                    latent = encode_latents(vae, item["pixel_values"][None])[0].cpu()
-                    if disk:
-                        atomic_write(path, lambda temp, t=latent: save_file({"latent": t}, temp))
-                self.latents[index] = latent
+                self.latents[index] = self._latent(item["pixel_values"], item["path"], item)
+                if "before_pixel_values" in item:
+                    self.before_latents[index] = self._latent(item["before_pixel_values"],
+                                                              item["before_path"], item)
+        self.vae = None
+
+    def _latent(self, pixels: torch.Tensor, source: str, item: dict) -> torch.Tensor:
+        path = self.folder / f"{_cache_key(source, item)}.safetensors" if self.folder else None
+        if path is not None and path.is_file():
+            return load_file(path)["latent"]
+        latent = encode_latents(self.vae, pixels[None])[0].cpu()
+        if path is not None:
+            atomic_write(path, lambda temp: save_file({"latent": latent}, temp))
+        return latent
 
     def batch(self, indices: list[int]) -> torch.Tensor:
         return torch.stack([self.latents[index] for index in indices])
 
+    def before_batch(self, indices: list[int]) -> torch.Tensor:
+        return torch.stack([self.before_latents[index] for index in indices])
 
-def _cache_key(item: dict) -> str:
+
+def _cache_key(source: str, item: dict) -> str:
     """Identify a latent by its source file (path, size, mtime) and the exact crop taken."""
-    path = Path(item["path"])
+    path = Path(source)
     stat = path.stat()
     parts = [str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns),
              str(tuple(item["target_size"])), str(tuple(item["crop_top_left"])),

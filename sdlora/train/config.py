@@ -28,6 +28,9 @@ class DataConfig:
     instance_dir: str = ""
     instance_prompt: str = ""
     trigger_word: str | None = None  # prepended to caption files that lack it
+    # The same pictures without the style, same file names: the adapter learns, at weight w,
+    # pictures w of the way from these to the styled ones, so its slider scales the style.
+    before_dir: str | None = None
     class_dir: str | None = None
     class_prompt: str | None = None
     num_class_images: int = 100

@@ -25,7 +25,8 @@ class TrainingData:
             random_crop=data.random_crop, random_flip=data.random_flip,
             caption_dropout=data.caption_dropout, shuffle_tags=data.shuffle_tags,
             keep_tokens=data.keep_tokens, trigger_word=data.trigger_word,
-            class_dir=data.class_dir, class_prompt=data.class_prompt, seed=config.train.seed,
+            class_dir=data.class_dir, class_prompt=data.class_prompt, before_dir=data.before_dir,
+            seed=config.train.seed,
         )
         kinds = ["instance", "class"] if data.class_dir else ["instance"]
         self.samplers = {kind: self.dataset.batch_sampler(config.train.batch_size, kind)

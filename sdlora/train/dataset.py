@@ -20,6 +20,7 @@ Two parts, so the training loop can cache what never changes:
     flipped        bool
     path           str
     is_class       bool, True for prior-preservation class images
+    before_pixel_values, before_path   with `before_dir` only: the unstyled original, placed alike
 
 Only the top level of a folder is read (subfolders often hold rejects or originals), files whose
 names start with "." are ignored, and colour profiles are not applied (as in kohya's and
@@ -33,7 +34,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +215,7 @@ class Sample:
     caption: str  # before the per-epoch rules
     is_class: bool
     placement: Placement
+    before: Path | None = None  # the unstyled original (data.before_dir), same size
 
 
 class TrainingDataset(torch.utils.data.Dataset):
@@ -242,6 +244,7 @@ class TrainingDataset(torch.utils.data.Dataset):
         trigger_word: str | None = None,
         class_dir: str | Path | None = None,
         class_prompt: str | None = None,
+        before_dir: str | Path | None = None,
         seed: int = 0,
     ):
         if not 0.0 <= caption_dropout <= 1.0:
@@ -272,6 +275,8 @@ class TrainingDataset(torch.utils.data.Dataset):
                 instance_prompt if file_caption is None else with_trigger_word(file_caption, trigger_word)
             )
             self.samples.append(self._sample(scanned, caption, is_class=False))
+        if before_dir is not None:
+            self.samples = pair_with_originals(self.samples, before_dir)
         if class_dir is not None:
             for scanned in scan_images(class_dir, "class_dir").images:
                 caption = read_caption_file(scanned.path) or class_prompt
@@ -293,15 +298,8 @@ class TrainingDataset(torch.utils.data.Dataset):
         """The deterministic part of an item: pixels (3, h, w) in [-1, 1] and the conditioning."""
         sample = self.samples[index]
         placement = sample.placement
-        image = load_rgb(sample.path)
-        if image.size != (placement.original_size[1], placement.original_size[0]):
-            raise SdloraError(f"{sample.path} changed size since it was scanned; restart training")
-        image = image.resize(placement.resized, Image.Resampling.LANCZOS).crop(placement.crop_box)
-        if placement.flipped:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()
-        return {
-            "pixel_values": pixels / 127.5 - 1.0,
+        item = {
+            "pixel_values": placed_pixels(sample.path, placement),
             "original_size": placement.original_size,
             "crop_top_left": placement.crop_top_left,
             "target_size": placement.target_size,
@@ -309,6 +307,10 @@ class TrainingDataset(torch.utils.data.Dataset):
             "path": str(sample.path),
             "is_class": sample.is_class,
         }
+        if sample.before is not None:
+            item["before_pixel_values"] = placed_pixels(sample.before, placement)
+            item["before_path"] = str(sample.before)
+        return item
 
     def caption(self, index: int, epoch: int) -> str:
         """The caption of `index` in `epoch`; class captions stay as they are (the prior is
@@ -358,8 +360,43 @@ class TrainingDataset(torch.utils.data.Dataset):
         counts = Counter(f"{w}x{h}" for w, h in (sample.placement.bucket for sample in self.samples))
         num_class = sum(sample.is_class for sample in self.samples)
         extra = f" (+{num_class} class)" if num_class else ""
+        if any(sample.before is not None for sample in self.samples):
+            extra += " paired with their originals"
         buckets = ", ".join(f"{name} x{count}" for name, count in sorted(counts.items()))
         return f"{len(self) - num_class} images{extra} in {len(counts)} buckets: {buckets}"
+
+
+def placed_pixels(path: Path, placement: Placement) -> torch.Tensor:
+    """The image at `path` resized, cropped and flipped as `placement` says: (3, h, w) in [-1, 1]."""
+    image = load_rgb(path)
+    if image.size != (placement.original_size[1], placement.original_size[0]):
+        raise SdloraError(f"{path} changed size since it was scanned; restart training")
+    image = image.resize(placement.resized, Image.Resampling.LANCZOS).crop(placement.crop_box)
+    if placement.flipped:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()
+    return pixels / 127.5 - 1.0
+
+
+def pair_with_originals(samples: list[Sample], before_dir: str | Path) -> list[Sample]:
+    """Give each instance image its unstyled original: the file of `before_dir` with the same
+    name up to the suffix (a.png may pair with a.jpg), of the same size."""
+    originals = {scanned.path.stem: scanned for scanned in scan_images(before_dir, "before_dir").images}
+    missing = [sample.path.name for sample in samples if sample.path.stem not in originals]
+    if missing:
+        raise SdloraError(f"data.before_dir {before_dir} has no original for {len(missing)} of the "
+                          f"{len(samples)} training images (first: {missing[0]}); give each one "
+                          "its unstyled picture under the same name")
+    paired = []
+    for sample in samples:
+        original = originals[sample.path.stem]
+        width, height = sample.placement.original_size[1], sample.placement.original_size[0]
+        if original.size != (width, height):
+            raise SdloraError(f"{original.path} is {original.size[0]}x{original.size[1]} but "
+                              f"{sample.path} is {width}x{height}: a pair must be one picture, "
+                              "before and after the style")
+        paired.append(replace(sample, before=original.path))
+    return paired
 
 
 def collate(items: list[dict]) -> dict:

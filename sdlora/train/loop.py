@@ -39,6 +39,7 @@ from sdlora.train.lora import (
     add_lora,
     export_adapter,
     lora_parameters,
+    lora_strength,
     parameter_groups,
 )
 from sdlora.train.output import OutputWriter
@@ -151,17 +152,24 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
         return export_adapter(unwrapped, config.output.name, family.name)
 
     # --- the loss of one micro-batch -----------------------------------------------------------
-    def micro_batch_loss(indices: list[int], epoch: int, generator) -> torch.Tensor:
-        placements = [data.dataset.samples[i].placement for i in indices]
+    def batch_latents(indices: list[int], before: bool = False) -> torch.Tensor:
         if latents is not None:
-            clean = latents.batch(indices).to(device)
-        else:
-            pixels = torch.stack([data.dataset.image(i)["pixel_values"] for i in indices])
-            with torch.no_grad():
-                clean = encode_latents(vae, pixels)
-        captions = [data.dataset.caption(i, epoch) for i in indices]
-        text = text_cache.batch(captions) if text_cache else embed(captions)
-        text = text.to(device, weight_dtype if text_cache else None)
+            return (latents.before_batch(indices) if before else latents.batch(indices)).to(device)
+        key = "before_pixel_values" if before else "pixel_values"
+        pixels = torch.stack([data.dataset.image(i)[key] for i in indices])
+        with torch.no_grad():
+            return encode_latents(vae, pixels)
+
+    def micro_batch_loss(indices: list[int], epoch: int, generator) -> torch.Tensor:
+        samples = [data.dataset.samples[i] for i in indices]
+        clean = batch_latents(indices)
+        strength = 1.0
+        if all(sample.before is not None for sample in samples):
+            # Paired data: at a random strength s the adapter, scaled by s, learns pictures s of
+            # the way from the originals to the styled images, so its weight scales the style.
+            strength = torch.rand((), generator=generator).item()
+            original = batch_latents(indices, before=True)
+            clean = original + strength * (clean - original)
 
         noise = torch.randn(clean.shape, generator=generator)
         if config.train.noise_offset:
@@ -175,11 +183,17 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
             target = noise_scheduler.get_velocity(clean, noise, timesteps)
         else:
             target = noise
-        conditioning = unet_conditioning(text, [p.original_size for p in placements],
-                                         [p.crop_top_left for p in placements],
-                                         [p.target_size for p in placements])
-        with accelerator.autocast():
-            prediction = models["unet"](noisy.to(weight_dtype), timesteps, **conditioning).sample
+        captions = [data.dataset.caption(i, epoch) for i in indices]
+        placements = [sample.placement for sample in samples]
+        with lora_strength(models.values(), strength):
+            text = text_cache.batch(captions) if text_cache else embed(captions)
+            text = text.to(device, weight_dtype if text_cache else None)
+            conditioning = unet_conditioning(text, [p.original_size for p in placements],
+                                             [p.crop_top_left for p in placements],
+                                             [p.target_size for p in placements])
+            with accelerator.autocast():
+                prediction = models["unet"](noisy.to(weight_dtype), timesteps,
+                                            **conditioning).sample
         loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if config.train.min_snr_gamma:
             loss = loss * min_snr_weights(noise_scheduler, timesteps, config.train.min_snr_gamma,

@@ -9,6 +9,7 @@ Text encoders get their attention projections, optionally the MLP too.
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -65,6 +66,24 @@ def add_lora(model: torch.nn.Module, pattern: re.Pattern, rank: int, alpha: floa
 
 def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if "lora_" in name}
+
+
+@contextlib.contextmanager
+def lora_strength(models, strength: float):
+    """Run the LoRA layers of `models` at `strength` times their weight, as the Mixer's slider
+    would; back at 1 afterwards."""
+    if strength == 1.0:
+        yield
+        return
+    layers = [module for model in models for module in model.modules()
+              if isinstance(module, PeftLoraLayer)]
+    for layer in layers:
+        layer.set_scale(ADAPTER_NAME, strength)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_scale(ADAPTER_NAME, 1.0)
 
 
 def parameter_groups(models: dict[str, torch.nn.Module], learning_rate: float,

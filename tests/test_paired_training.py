@@ -1,0 +1,130 @@
+"""Training from before/after pairs (data.before_dir): the adapter's weight scales its style.
+
+Each styled training image is paired with its unstyled original (same name, same size). At a
+random strength s per step the LoRA layers run at s times their weight and learn the picture s of
+the way from the original's latent to the styled one's; tests/test_demo.py shows the effect on
+the sampled pictures.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_train import interrupt_at, tiny_config
+
+from sdlora.adapters.read import load_adapter
+from sdlora.errors import SdloraError
+from sdlora.models import load_base
+from sdlora.train.cache import encode_latents
+from sdlora.train.dataset import TrainingDataset
+from sdlora.train.loop import train
+
+
+def write_pairs(folder, count=3, size=(96, 64), suffix=".png"):
+    """{folder}/after/imageN.png (noise) and {folder}/before/imageN{suffix} (the same, darker)."""
+    rng = np.random.default_rng(1)
+    (folder / "after").mkdir(parents=True)
+    (folder / "before").mkdir()
+    for index in range(count):
+        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "after" / f"image{index}.png")
+        Image.fromarray(pixels // 3).save(folder / "before" / f"image{index}{suffix}", quality=100)
+    return folder / "after", folder / "before"
+
+
+def test_each_image_is_paired_by_name_and_cut_exactly_like_its_original(tmp_path):
+    after, before = write_pairs(tmp_path)
+    dataset = TrainingDataset(after, "a style", resolution=64, bucket=False, random_crop=True,
+                              random_flip=True, before_dir=before, seed=3)
+    assert "paired with their originals" in dataset.describe()
+    for index in range(len(dataset)):
+        item = dataset.image(index)
+        assert item["before_path"].endswith(f"image{index}.png")
+        # before = after // 3 in pixels: the same crop and flip keep that relation
+        after_bytes = np.round((item["pixel_values"].numpy() + 1) * 127.5)
+        before_bytes = np.round((item["before_pixel_values"].numpy() + 1) * 127.5)
+        assert np.abs(before_bytes - after_bytes // 3).max() <= 1
+
+
+def test_an_original_may_have_another_suffix(tmp_path):
+    after, before = write_pairs(tmp_path, count=1, suffix=".jpg")
+    dataset = TrainingDataset(after, "a style", resolution=64, before_dir=before)
+    assert dataset.image(0)["before_path"].endswith("image0.jpg")
+
+
+def test_a_missing_or_mismatched_original_is_a_one_line_error(tmp_path):
+    after, before = write_pairs(tmp_path)
+    (before / "image1.png").unlink()
+    with pytest.raises(SdloraError, match=r"no original for 1 of the 3 .*first: image1.png") as error:
+        TrainingDataset(after, "a style", resolution=64, before_dir=before)
+    assert "\n" not in str(error.value)
+
+    Image.new("RGB", (32, 32)).save(before / "image1.png")
+    with pytest.raises(SdloraError, match=r"image1.png is 32x32 but .*image1.png is 96x64"):
+        TrainingDataset(after, "a style", resolution=64, before_dir=before)
+    with pytest.raises(SdloraError, match="before_dir .*missing does not exist"):
+        TrainingDataset(after, "a style", resolution=64, before_dir=tmp_path / "missing")
+
+
+@pytest.mark.parametrize("cache_latents", ["memory", "none"])
+def test_at_strength_s_the_lora_runs_at_s_and_sees_pictures_s_of_the_way(
+        tiny_sd1, tmp_path, monkeypatch, cache_latents):
+    after, before = write_pairs(tmp_path / "pairs", count=2, size=(64, 64))
+    config = tiny_config(tiny_sd1, tmp_path, train={"steps": 6, "batch_size": 2},
+                         data={"instance_dir": str(after), "before_dir": str(before),
+                               "bucket": False, "cache_latents": cache_latents})
+    vae = load_base(str(tiny_sd1)).pipeline.vae
+    dataset = TrainingDataset(after, "a style", resolution=64, bucket=False, before_dir=before)
+    with torch.no_grad():
+        styled = encode_latents(vae, torch.stack([dataset.image(i)["pixel_values"] for i in (0, 1)]))
+        originals = encode_latents(vae, torch.stack([dataset.image(i)["before_pixel_values"]
+                                                     for i in (0, 1)]))
+
+    from diffusers import DDPMScheduler
+    from peft.tuners.lora import LoraLayer
+
+    seen = []  # (LoRA strength in the forward pass, the clean latents that were noised)
+    real_add_noise = DDPMScheduler.add_noise
+
+    def add_noise(scheduler, clean, noise, timesteps):
+        seen.append([None, clean.clone()])
+        return real_add_noise(scheduler, clean, noise, timesteps)
+
+    def record_strength(layer, args):
+        if seen[-1][0] is None:
+            seen[-1][0] = layer.scaling["default"] * layer.r["default"] / layer.lora_alpha["default"]
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", add_noise)
+    real_inject = LoraLayer.update_layer
+
+    def update_layer(layer, *args, **kwargs):
+        real_inject(layer, *args, **kwargs)
+        layer.register_forward_pre_hook(record_strength)
+
+    monkeypatch.setattr(LoraLayer, "update_layer", update_layer)
+    train(config)
+
+    strengths = [strength for strength, _ in seen]
+    assert len(seen) == 6 and len(set(strengths)) == 6 and all(0 <= s < 1 for s in strengths)
+    for strength, clean in seen:
+        # the batch holds both images, in the order of the epoch
+        expected = [originals + strength * (styled - originals),
+                    (originals + strength * (styled - originals)).flip(0)]
+        assert min((clean - e).abs().max().item() for e in expected) < 1e-4, strength
+
+
+def test_a_paired_run_resumes_exactly(tiny_sd1, tmp_path):
+    after, before = write_pairs(tmp_path / "pairs", count=2, size=(64, 64))
+    settings = dict(data={"instance_dir": str(after), "before_dir": str(before)},
+                    train={"steps": 6, "batch_size": 2}, output={"dtype": "fp32"})
+    straight = train(tiny_config(tiny_sd1, tmp_path / "a", **settings))
+    resumed_config = tiny_config(tiny_sd1, tmp_path / "b", **settings)
+    with pytest.raises(KeyboardInterrupt):
+        train(resumed_config, on_step=interrupt_at(3))
+    resumed = train(resumed_config, resume="latest")
+    first, second = load_adapter(straight), load_adapter(resumed)
+    worst = max((first.layers[k].delta() - second.layers[k].delta()).abs().max().item()
+                for k in first.layers)
+    assert worst <= 1e-6
