@@ -11,14 +11,8 @@ from PIL import Image
 
 from sdlora.errors import SdloraError
 from sdlora.train.buckets import BucketBatchSampler, make_buckets, nearest_bucket, place
-from sdlora.train.dataset import (
-    TrainingDataset,
-    apply_caption_rules,
-    collate,
-    load_rgb,
-    scan_images,
-    tag_frequency,
-)
+from sdlora.train.captions import apply_caption_rules, tag_frequency
+from sdlora.train.dataset import TrainingDataset, collate, load_rgb, scan_images
 
 
 def solid(size, color=(200, 30, 30)) -> Image.Image:

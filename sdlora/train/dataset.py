@@ -30,10 +30,7 @@ diffusers' trainers).
 from __future__ import annotations
 
 import logging
-import random
-import re
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -51,6 +48,12 @@ from sdlora.train.buckets import (
     make_buckets,
     nearest_bucket,
     place,
+)
+from sdlora.train.captions import (
+    apply_caption_rules,
+    read_caption_file,
+    tag_frequency,
+    with_trigger_word,
 )
 
 logger = logging.getLogger(__name__)
@@ -154,56 +157,6 @@ def _empty_hint(folder: Path, skipped: list[tuple[Path, str]]) -> str:
     if any(child.is_dir() for child in folder.iterdir()):
         hint += "; images in subfolders are not read"
     return hint
-
-
-# --- captions --------------------------------------------------------------------------------
-
-
-def read_caption_file(image_path: str | Path) -> str | None:
-    """The caption in the same-stem .txt beside an image, whitespace collapsed to single spaces;
-    None when there is no such file or it is blank. UTF-8, with or without a BOM."""
-    caption_path = Path(image_path).with_suffix(".txt")
-    if not caption_path.is_file():
-        return None
-    text = " ".join(caption_path.read_text(encoding="utf-8-sig").split())
-    return text or None
-
-
-def split_tags(caption: str) -> list[str]:
-    """Comma-separated tags, stripped, empty ones dropped."""
-    return [tag.strip() for tag in caption.split(",") if tag.strip()]
-
-
-def with_trigger_word(caption: str, trigger_word: str | None) -> str:
-    """Prepend `trigger_word` as the first tag unless the caption already has it as a word."""
-    if not trigger_word or re.search(rf"(?<!\w){re.escape(trigger_word)}(?!\w)", caption):
-        return caption
-    return f"{trigger_word}, {caption}"
-
-
-def apply_caption_rules(
-    caption: str,
-    rng: random.Random,
-    dropout: float = 0.0,
-    shuffle_tags: bool = False,
-    keep_tokens: int = 1,
-) -> str:
-    """One epoch's version of a caption: "" with probability `dropout`, else, with
-    `shuffle_tags`, its tags shuffled except the first `keep_tokens`, which stay in place."""
-    if rng.random() < dropout:
-        return ""
-    if not shuffle_tags:
-        return caption
-    tags = split_tags(caption)
-    kept, rest = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(rest)
-    return ", ".join(kept + rest)
-
-
-def tag_frequency(captions: Iterable[str], dataset_name: str) -> dict[str, dict[str, int]]:
-    """{dataset_name: {tag: number of captions with it}}, kohya's `ss_tag_frequency` layout."""
-    counts = Counter(tag for caption in captions for tag in dict.fromkeys(split_tags(caption)))
-    return {dataset_name: dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))}
 
 
 # --- the dataset -----------------------------------------------------------------------------
