@@ -128,3 +128,21 @@ def test_a_paired_run_resumes_exactly(tiny_sd1, tmp_path):
     worst = max((first.layers[k].delta() - second.layers[k].delta()).abs().max().item()
                 for k in first.layers)
     assert worst <= 1e-6
+
+
+@pytest.mark.parametrize("memory_saving", [{"recompute_feed_forward": True},
+                                           {"gradient_checkpointing": True}])
+def test_recomputed_activations_see_the_strength_of_their_forward(tiny_sd1, tmp_path, memory_saving):
+    """Backward recomputes parts of the forward: at the step's strength, or the gradients are wrong."""
+    after, before = write_pairs(tmp_path / "pairs", count=2, size=(64, 64))
+    adapters = []
+    for name, options in (("plain", {"recompute_feed_forward": False}), ("saving", memory_saving)):
+        config = tiny_config(tiny_sd1, tmp_path / name, lora={"targets": "transformer"},
+                             data={"instance_dir": str(after), "before_dir": str(before)},
+                             train={"steps": 3, "batch_size": 2, **options},
+                             output={"dtype": "fp32"})
+        adapters.append(load_adapter(train(config)))
+    plain, saving = adapters
+    worst = max((plain.layers[k].delta() - saving.layers[k].delta()).abs().max().item()
+                for k in plain.layers)
+    assert worst <= 1e-6

@@ -160,14 +160,11 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
         with torch.no_grad():
             return encode_latents(vae, pixels)
 
-    def micro_batch_loss(indices: list[int], epoch: int, generator) -> torch.Tensor:
+    def micro_batch_loss(indices: list[int], epoch: int, generator,
+                         strength: float) -> torch.Tensor:
         samples = [data.dataset.samples[i] for i in indices]
         clean = batch_latents(indices)
-        strength = 1.0
-        if all(sample.before is not None for sample in samples):
-            # Paired data: at a random strength s the adapter, scaled by s, learns pictures s of
-            # the way from the originals to the styled images, so its weight scales the style.
-            strength = torch.rand((), generator=generator).item()
+        if samples[0].before is not None:  # at strength s: the picture s of the way styled
             original = batch_latents(indices, before=True)
             clean = original + strength * (clean - original)
 
@@ -185,15 +182,13 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
             target = noise
         captions = [data.dataset.caption(i, epoch) for i in indices]
         placements = [sample.placement for sample in samples]
-        with lora_strength(models.values(), strength):
-            text = text_cache.batch(captions) if text_cache else embed(captions)
-            text = text.to(device, weight_dtype if text_cache else None)
-            conditioning = unet_conditioning(text, [p.original_size for p in placements],
-                                             [p.crop_top_left for p in placements],
-                                             [p.target_size for p in placements])
-            with accelerator.autocast():
-                prediction = models["unet"](noisy.to(weight_dtype), timesteps,
-                                            **conditioning).sample
+        text = text_cache.batch(captions) if text_cache else embed(captions)
+        text = text.to(device, weight_dtype if text_cache else None)
+        conditioning = unet_conditioning(text, [p.original_size for p in placements],
+                                         [p.crop_top_left for p in placements],
+                                         [p.target_size for p in placements])
+        with accelerator.autocast():
+            prediction = models["unet"](noisy.to(weight_dtype), timesteps, **conditioning).sample
         loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if config.train.min_snr_gamma:
             loss = loss * min_snr_weights(noise_scheduler, timesteps, config.train.min_snr_gamma,
@@ -211,16 +206,21 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
             generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + global_index)
             torch.manual_seed(config.train.seed + global_index)  # LoRA dropout
             syncing = micro == accumulation - 1
+            # Paired data: at a random strength s the adapter, scaled by s, learns pictures s of
+            # the way from the originals to the styled images, so its weight scales the style.
+            # The strength holds through backward, which recomputes parts of the forward.
+            strength = torch.rand((), generator=generator).item() if data.paired else 1.0
             with contextlib.ExitStack() as stack:
                 if not syncing:
                     for model in models.values():
                         stack.enter_context(accelerator.no_sync(model))
+                stack.enter_context(lora_strength(models.values(), strength))
                 epoch, indices = data.batch("instance", global_index)
-                loss = micro_batch_loss(indices, epoch, generator)
+                loss = micro_batch_loss(indices, epoch, generator, strength)
                 if "class" in data.kinds:
                     epoch, indices = data.batch("class", global_index)
                     loss = loss + config.data.prior_loss_weight * micro_batch_loss(
-                        indices, epoch, generator)
+                        indices, epoch, generator, strength)
                 if not torch.isfinite(loss):
                     raise SdloraError(non_finite_message(loss, step, config.output.dir))
                 accelerator.backward(loss / accumulation)
