@@ -8,6 +8,8 @@ the sampled pictures.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,18 @@ def test_recomputed_activations_see_the_strength_of_their_forward(tiny_sd1, tmp_
     worst = max((plain.layers[k].delta() - saving.layers[k].delta()).abs().max().item()
                 for k in plain.layers)
     assert worst <= 1e-6
+
+
+def test_validation_grids_of_a_paired_run_add_a_row_at_half_strength(tiny_sd1, tmp_path):
+    after, before = write_pairs(tmp_path / "pairs", count=2, size=(64, 64))
+    settings = dict(train={"steps": 2, "learning_rate": 0.05},
+                    validation={"prompts": ["a red circle"], "every": 2, "steps": 2})
+    plain = tiny_config(tiny_sd1, tmp_path / "plain", data={"instance_dir": str(after)}, **settings)
+    paired = tiny_config(tiny_sd1, tmp_path / "paired", **settings,
+                         data={"instance_dir": str(after), "before_dir": str(before)})
+    grids = []
+    for config in (plain, paired):
+        train(config)
+        grids.append(np.asarray(Image.open(Path(config.output.dir) / "validation" / "step-000002.png")))
+    # rows: base, half, full against base, full; each 64 pixels high
+    assert grids[1].shape[0] - grids[0].shape[0] == 64

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -250,7 +251,8 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.2e}")
                 output.log_scalars(step, loss=loss_value, lr=lr_schedule.get_last_lr()[0])
                 if validator and config.validation.every and step % config.validation.every == 0:
-                    output.validation_grid(validator, step, models)
+                    output.validation_grid(validator, step, models, at_strength=partial(
+                        lora_strength, models.values()) if data.paired else None)
                 if config.checkpoint.every and step % config.checkpoint.every == 0 \
                         and step < config.train.steps:
                     accelerator.wait_for_everyone()

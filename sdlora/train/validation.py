@@ -1,12 +1,15 @@
 """Validation grids: the same prompts and seeds rendered without and with the adapter.
 
 The "without" row is rendered once, before the first step (the base never changes); each
-validation step adds the "with" row and writes `{output.dir}/validation/step-000100.png`.
+validation step adds the "with" row (and, for a run on before/after pairs, one at half
+strength, where the style should be about half-way) and writes
+`{output.dir}/validation/step-000100.png`.
 Prompts are passed as embeddings so the text encoder may already be freed when it is frozen.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -48,10 +51,16 @@ class Validator:
             images.append(output.images[0])
         return images
 
-    def grid_for_step(self, step: int) -> tuple[Path, Image.Image]:
-        with torch.no_grad():
-            adapter_row = self.render(self.embed(self.prompts))
-        grid = labelled_grid([self.base_row, adapter_row], ["base", f"step {step}"], self.prompts)
+    def grid_for_step(self, step: int, at_strength=None) -> tuple[Path, Image.Image]:
+        """`at_strength(s)`, when given, is a context that runs the adapter at strength s: a row
+        at 0.5 is added above the full-strength one."""
+        rows, labels = [self.base_row], ["base"]
+        for strength in (0.5, 1.0) if at_strength else (1.0,):
+            context = at_strength(strength) if at_strength else contextlib.nullcontext()
+            with context, torch.no_grad():
+                rows.append(self.render(self.embed(self.prompts)))
+            labels.append(f"step {step}" + (f" at {strength}" if at_strength else ""))
+        grid = labelled_grid(rows, labels, self.prompts)
         path = self.out_dir / f"step-{step:06d}.png"
         atomic_write(path, lambda temp: grid.save(temp, format="PNG"))
         return path, grid
