@@ -66,6 +66,9 @@ def test_a_missing_or_mismatched_original_is_a_one_line_error(tmp_path):
     Image.new("RGB", (32, 32)).save(before / "image1.png")
     with pytest.raises(SdloraError, match=r"image1.png is 32x32 but .*image1.png is 96x64"):
         TrainingDataset(after, "a style", resolution=64, before_dir=before)
+    Image.new("RGB", (96, 64)).save(before / "image1.jpg")
+    with pytest.raises(SdloraError, match="both image1.jpg and image1.png: keep one"):
+        TrainingDataset(after, "a style", resolution=64, before_dir=before)
     with pytest.raises(SdloraError, match="before_dir .*missing does not exist"):
         TrainingDataset(after, "a style", resolution=64, before_dir=tmp_path / "missing")
 

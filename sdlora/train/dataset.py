@@ -334,7 +334,12 @@ def placed_pixels(path: Path, placement: Placement) -> torch.Tensor:
 def pair_with_originals(samples: list[Sample], before_dir: str | Path) -> list[Sample]:
     """Give each instance image its unstyled original: the file of `before_dir` with the same
     name up to the suffix (a.png may pair with a.jpg), of the same size."""
-    originals = {scanned.path.stem: scanned for scanned in scan_images(before_dir, "before_dir").images}
+    originals: dict[str, ScannedImage] = {}
+    for scanned in scan_images(before_dir, "before_dir").images:
+        twin = originals.setdefault(scanned.path.stem, scanned)
+        if twin is not scanned:
+            raise SdloraError(f"data.before_dir has both {twin.path.name} and {scanned.path.name}: "
+                              "keep one original per name")
     missing = [sample.path.name for sample in samples if sample.path.stem not in originals]
     if missing:
         raise SdloraError(f"data.before_dir {before_dir} has no original for {len(missing)} of the "
