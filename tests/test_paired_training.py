@@ -56,7 +56,7 @@ def test_an_original_may_have_another_suffix(tmp_path):
     assert dataset.image(0)["before_path"].endswith("image0.jpg")
 
 
-def test_a_missing_or_mismatched_original_is_a_one_line_error(tmp_path):
+def test_a_missing_mismatched_or_doubled_original_is_a_one_line_error(tmp_path):
     after, before = write_pairs(tmp_path)
     (before / "image1.png").unlink()
     with pytest.raises(SdloraError, match=r"no original for 1 of the 3 .*first: image1.png") as error:
