@@ -73,7 +73,7 @@ def test_a_missing_mismatched_or_doubled_original_is_a_one_line_error(tmp_path):
         TrainingDataset(after, "a style", resolution=64, before_dir=tmp_path / "missing")
 
 
-@pytest.mark.parametrize("cache_latents", ["memory", "none"])
+@pytest.mark.parametrize("cache_latents", ["memory", "disk", "none"])
 def test_at_strength_s_the_lora_runs_at_s_and_sees_pictures_s_of_the_way(
         tiny_sd1, tmp_path, monkeypatch, cache_latents):
     after, before = write_pairs(tmp_path / "pairs", count=2, size=(64, 64))
