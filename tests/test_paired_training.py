@@ -73,14 +73,19 @@ def test_a_missing_mismatched_or_doubled_original_is_a_one_line_error(tmp_path):
         TrainingDataset(after, "a style", resolution=64, before_dir=tmp_path / "missing")
 
 
-@pytest.mark.parametrize("cache_latents", ["memory", "disk", "none"])
+@pytest.mark.parametrize("family, cache_latents, text_encoder", [
+    ("sd1", "memory", False), ("sd1", "disk", False), ("sd1", "none", False),
+    ("sdxl", "memory", True),
+])
 def test_at_strength_s_the_lora_runs_at_s_and_sees_pictures_s_of_the_way(
-        tiny_sd1, tmp_path, monkeypatch, cache_latents):
+        request, tmp_path, monkeypatch, family, cache_latents, text_encoder):
+    base = request.getfixturevalue(f"tiny_{family}")
     after, before = write_pairs(tmp_path / "pairs", count=2, size=(64, 64))
-    config = tiny_config(tiny_sd1, tmp_path, train={"steps": 6, "batch_size": 2},
+    config = tiny_config(base, tmp_path, train={"steps": 6, "batch_size": 2},
+                         lora={"text_encoder": text_encoder},
                          data={"instance_dir": str(after), "before_dir": str(before),
                                "bucket": False, "cache_latents": cache_latents})
-    vae = load_base(str(tiny_sd1)).pipeline.vae
+    vae = load_base(str(base)).pipeline.vae
     dataset = TrainingDataset(after, "a style", resolution=64, bucket=False, before_dir=before)
     with torch.no_grad():
         styled = encode_latents(vae, torch.stack([dataset.image(i)["pixel_values"] for i in (0, 1)]))
@@ -90,30 +95,33 @@ def test_at_strength_s_the_lora_runs_at_s_and_sees_pictures_s_of_the_way(
     from diffusers import DDPMScheduler
     from peft.tuners.lora import LoraLayer
 
-    seen = []  # (LoRA strength in the forward pass, the clean latents that were noised)
+    seen = []  # per step: (the strengths every LoRA layer ran at, the clean latents noised)
     real_add_noise = DDPMScheduler.add_noise
 
     def add_noise(scheduler, clean, noise, timesteps):
-        seen.append([None, clean.clone()])
+        seen.append((set(), clean.clone()))
         return real_add_noise(scheduler, clean, noise, timesteps)
 
     def record_strength(layer, args):
-        if seen[-1][0] is None:
-            seen[-1][0] = layer.scaling["default"] * layer.r["default"] / layer.lora_alpha["default"]
+        if seen:  # not the validation or caching passes before the first step
+            strength = layer.scaling["default"] * layer.r["default"] / layer.lora_alpha["default"]
+            seen[-1][0].add(round(strength, 6))
 
     monkeypatch.setattr(DDPMScheduler, "add_noise", add_noise)
-    real_inject = LoraLayer.update_layer
+    real_update_layer = LoraLayer.update_layer
 
     def update_layer(layer, *args, **kwargs):
-        real_inject(layer, *args, **kwargs)
+        real_update_layer(layer, *args, **kwargs)
         layer.register_forward_pre_hook(record_strength)
 
     monkeypatch.setattr(LoraLayer, "update_layer", update_layer)
     train(config)
 
-    strengths = [strength for strength, _ in seen]
-    assert len(seen) == 6 and len(set(strengths)) == 6 and all(0 <= s < 1 for s in strengths)
-    for strength, clean in seen:
+    assert len(seen) == 6
+    assert all(len(strengths) == 1 for strengths, _ in seen)  # text encoders and UNet alike
+    strengths = [strengths.pop() for strengths, _ in seen]
+    assert len(set(strengths)) == 6 and all(0 <= s < 1 for s in strengths)
+    for strength, (_, clean) in zip(strengths, seen):
         # the batch holds both images, in the order of the epoch
         expected = [originals + strength * (styled - originals),
                     (originals + strength * (styled - originals)).flip(0)]
