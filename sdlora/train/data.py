@@ -51,11 +51,6 @@ class TrainingData:
         return self._epochs[key]
 
     @property
-    def paired(self) -> bool:
-        """Each instance image has its unstyled original (data.before_dir)."""
-        return any(sample.before is not None for sample in self.dataset.samples)
-
-    @property
     def num_instance_images(self) -> int:
         return sum(not sample.is_class for sample in self.dataset.samples)
 

@@ -228,7 +228,8 @@ class TrainingDataset(torch.utils.data.Dataset):
                 instance_prompt if file_caption is None else with_trigger_word(file_caption, trigger_word)
             )
             self.samples.append(self._sample(scanned, caption, is_class=False))
-        if before_dir is not None:
+        self.paired = before_dir is not None  # every instance image has its original
+        if self.paired:
             self.samples = pair_with_originals(self.samples, before_dir)
         if class_dir is not None:
             for scanned in scan_images(class_dir, "class_dir").images:
@@ -313,7 +314,7 @@ class TrainingDataset(torch.utils.data.Dataset):
         counts = Counter(f"{w}x{h}" for w, h in (sample.placement.bucket for sample in self.samples))
         num_class = sum(sample.is_class for sample in self.samples)
         extra = f" (+{num_class} class)" if num_class else ""
-        if any(sample.before is not None for sample in self.samples):
+        if self.paired:
             extra += " paired with their originals"
         buckets = ", ".join(f"{name} x{count}" for name, count in sorted(counts.items()))
         return f"{len(self) - num_class} images{extra} in {len(counts)} buckets: {buckets}"

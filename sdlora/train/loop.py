@@ -153,20 +153,24 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
         return export_adapter(unwrapped, config.output.name, family.name)
 
     # --- the loss of one micro-batch -----------------------------------------------------------
-    def batch_latents(indices: list[int], before: bool = False) -> torch.Tensor:
+    def batch_latents(indices: list[int], paired: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latents of the images and, for paired images, of their originals."""
         if latents is not None:
-            return (latents.before_batch(indices) if before else latents.batch(indices)).to(device)
-        key = "before_pixel_values" if before else "pixel_values"
-        pixels = torch.stack([data.dataset.image(i)[key] for i in indices])
+            originals = latents.before_batch(indices).to(device) if paired else None
+            return latents.batch(indices).to(device), originals
+        items = [data.dataset.image(i) for i in indices]  # each file read once
         with torch.no_grad():
-            return encode_latents(vae, pixels)
+            clean = encode_latents(vae, torch.stack([item["pixel_values"] for item in items]))
+            originals = encode_latents(vae, torch.stack([item["before_pixel_values"]
+                                                         for item in items])) if paired else None
+        return clean, originals
 
     def micro_batch_loss(indices: list[int], epoch: int, generator,
                          strength: float) -> torch.Tensor:
         samples = [data.dataset.samples[i] for i in indices]
-        clean = batch_latents(indices)
-        if samples[0].before is not None:  # at strength s: the picture s of the way styled
-            original = batch_latents(indices, before=True)
+        paired = samples[0].before is not None  # instance images of a paired run, not class ones
+        clean, original = batch_latents(indices, paired)
+        if paired:  # at strength s: the picture s of the way styled
             clean = original + strength * (clean - original)
 
         noise = torch.randn(clean.shape, generator=generator)
@@ -210,7 +214,7 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
             # Paired data: at a random strength s the adapter, scaled by s, learns pictures s of
             # the way from the originals to the styled images, so its weight scales the style.
             # The strength holds through backward, which recomputes parts of the forward.
-            strength = torch.rand((), generator=generator).item() if data.paired else 1.0
+            strength = torch.rand((), generator=generator).item() if data.dataset.paired else 1.0
             with contextlib.ExitStack() as stack:
                 if not syncing:
                     for model in models.values():
@@ -251,8 +255,9 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.2e}")
                 output.log_scalars(step, loss=loss_value, lr=lr_schedule.get_last_lr()[0])
                 if validator and config.validation.every and step % config.validation.every == 0:
-                    output.validation_grid(validator, step, models, at_strength=partial(
-                        lora_strength, models.values()) if data.paired else None)
+                    output.validation_grid(validator, step, models,
+                                           partial(lora_strength, models.values()),
+                                           (0.5, 1.0) if data.dataset.paired else (1.0,))
                 if config.checkpoint.every and step % config.checkpoint.every == 0 \
                         and step < config.train.steps:
                     accelerator.wait_for_everyone()

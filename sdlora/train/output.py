@@ -78,11 +78,11 @@ class OutputWriter:
         return Validator(pipeline, settings.prompts, embed, settings.resolution or resolution,
                          settings.steps, settings.guidance, settings.seed, self.dir / "validation")
 
-    def validation_grid(self, validator: Validator, step: int, models: dict,
-                        at_strength=None) -> None:
+    def validation_grid(self, validator: Validator, step: int, models: dict, at_strength,
+                        strengths: tuple[float, ...]) -> None:
         for model in models.values():
             model.eval()
-        path, grid = validator.grid_for_step(step, at_strength)
+        path, grid = validator.grid_for_step(step, at_strength, strengths)
         for model in models.values():
             model.train()
         self.say(f"validation grid: {path}")

@@ -9,7 +9,6 @@ Prompts are passed as embeddings so the text encoder may already be freed when i
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -51,15 +50,15 @@ class Validator:
             images.append(output.images[0])
         return images
 
-    def grid_for_step(self, step: int, at_strength=None) -> tuple[Path, Image.Image]:
-        """`at_strength(s)`, when given, is a context that runs the adapter at strength s: a row
-        at 0.5 is added above the full-strength one."""
+    def grid_for_step(self, step: int, at_strength,
+                      strengths: tuple[float, ...]) -> tuple[Path, Image.Image]:
+        """One row per strength s, rendered inside `at_strength(s)` (a context that runs the
+        adapter at strength s)."""
         rows, labels = [self.base_row], ["base"]
-        for strength in (0.5, 1.0) if at_strength else (1.0,):
-            context = at_strength(strength) if at_strength else contextlib.nullcontext()
-            with context, torch.no_grad():
+        for strength in strengths:
+            with at_strength(strength), torch.no_grad():
                 rows.append(self.render(self.embed(self.prompts)))
-            labels.append(f"step {step}" + (f" at {strength}" if at_strength else ""))
+            labels.append(f"step {step}" + (f" at {strength}" if len(strengths) > 1 else ""))
         grid = labelled_grid(rows, labels, self.prompts)
         path = self.out_dir / f"step-{step:06d}.png"
         atomic_write(path, lambda temp: grid.save(temp, format="PNG"))
