@@ -29,7 +29,7 @@ import warnings
 import torch
 
 from sdlora.adapters.core import Adapter, LoraLayer
-from sdlora.mix import Mixer
+from sdlora.mix.mixer import Mixer
 
 RANK = 16
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -41,7 +41,7 @@ def sd15_pipeline():
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdlora.tiny import clip_tokenizer, tiny_scheduler, tiny_vae
+    from sdlora.base.tiny import clip_tokenizer, tiny_scheduler, tiny_vae
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(

@@ -10,7 +10,7 @@ out_proj of the text encoder when it is trained); AdamW; MSE on epsilon; grad cl
 "ours" is `sdlora.train.loop.train` with the same settings: rank 4, alpha 4, batch 1, UNet
 attention, fp32, constant lr 1e-4, 4 random-pixel images, no validation, checkpoints or logs.
 
-Models (random weights, nothing downloaded): `tiny` (sdlora.tiny, 64 px) and `sd15` (SD1.5's
+Models (random weights, nothing downloaded): `tiny` (sdlora.base.tiny, 64 px) and `sd15` (SD1.5's
 UNet, VAE and CLIP-L configs, 256 px), saved once under --cache. Variants: `default`,
 `gc` (gradient checkpointing), `te` (text encoder trained too).
 Each measurement is its own subprocess, so peak RSS (ru_maxrss) belongs to one run. Reported:
@@ -54,7 +54,7 @@ def save_sd15_pipeline(folder: Path) -> None:
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdlora.tiny import clip_tokenizer
+    from sdlora.base.tiny import clip_tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -87,7 +87,7 @@ def prepare(model: str, cache: Path) -> tuple[Path, Path]:
     if not (folder / "model_index.json").is_file():
         print(f"building the {model} pipeline in {folder} (once) ...", flush=True)
         if model == "tiny":
-            from sdlora.tiny import save_tiny_pipeline
+            from sdlora.base.tiny import save_tiny_pipeline
 
             save_tiny_pipeline(folder, "sd1")
         else:

@@ -15,7 +15,7 @@ held-out prompts and 100% of the seen ones as told (item 3 for its VAE).
    mean (the only latent sdlora ever uses; sampling it made a short run blurry and off-colour)
    with a small KL term; then frozen, its latent scaling factor set to 1 / std of the latents.
 2. UNet + text encoder: epsilon prediction on cached latents of the captioned training set
-   (sdlora.demo_base.training_combinations; the held-out combinations never appear), 10% of
+   (sdlora.base.demo_base.training_combinations; the held-out combinations never appear), 10% of
    captions dropped for classifier-free guidance, an EMA of the weights kept.
 3. VAE decoder, alone (--decoder-steps): a latent a fraction of the way from a picture's latent
    to its striped version's must decode as the picture that fraction of the way striped. A
@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdlora import demo_base  # noqa: E402
+from sdlora.base import demo_base  # noqa: E402
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import sys
 import warnings
 
 from sdlora.errors import SdloraError
+from sdlora.files import is_disk_full
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -21,25 +22,25 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _render(args: argparse.Namespace) -> None:
-    from sdlora.render import render_command
+    from sdlora.render.command import render_command
 
     render_command(args)
 
 
 def _mix(args: argparse.Namespace) -> None:
-    from sdlora.mix_command import mix_command
+    from sdlora.mix.command import mix_command
 
     mix_command(args)
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from sdlora.adapters.commands import convert_command
+    from sdlora.adapters.command import convert_command
 
     convert_command(args)
 
 
 def _info(args: argparse.Namespace) -> None:
-    from sdlora.adapters.commands import info_command
+    from sdlora.adapters.command import info_command
 
     info_command(args)
 
@@ -51,7 +52,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _ui(args: argparse.Namespace) -> None:
-    from sdlora.ui import ui_command
+    from sdlora.ui.command import ui_command
 
     ui_command(args)
 
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo")
     demo.set_defaults(handler=_demo)
 
-    from sdlora.ui import add_arguments as add_ui_arguments
+    from sdlora.ui.command import add_arguments as add_ui_arguments
 
     ui = commands.add_parser("ui", help="open the web UI (the same as python app.py)")
     add_ui_arguments(ui)
@@ -129,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(args)
     except SdloraError as error:
         print(f"sdlora {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        print(f"sdlora {args.command}: error: disk full{where}; free space and run again "
+              "(files written before are kept)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sdlora {args.command}: interrupted", file=sys.stderr)

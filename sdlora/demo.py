@@ -11,8 +11,8 @@ them as their prompt) given a colour grade (sepia: lower saturation) or a textur
 horizontal bands 16 pixels apart), so an adapter has only the style to learn. The unstyled
 pictures are kept in plain/ and given as data.before_dir, so each adapter learns the style at
 every strength and its slider scales it (at 0.5, half the style, not a faint trace of it);
-`sdlora.demo_base.saturation` and `stripe_energy` show its strength and
-`sdlora.demo_base.measure` shows the content staying right.
+`sdlora.base.demo_base.saturation` and `stripe_energy` show its strength and
+`sdlora.base.demo_base.measure` shows the content staying right.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdlora import demo_base
+from sdlora.base import demo_base
 from sdlora.errors import SdloraError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def make_style_samples(folder: Path = SAMPLES_DIR, count: int = 24, seed: int = 
 
 
 def load_plain_base():
-    from sdlora.models import load_base
+    from sdlora.base.models import load_base
 
     pipeline = load_base("demo").pipeline
     pipeline.set_progress_bar_config(disable=True)
@@ -176,7 +176,7 @@ def _run_demo(out: Path, samples: Path) -> DemoResult:
 def demo_pipeline(adapters: dict[str, Path]):
     """The demo base with every adapter loaded into a Mixer at weight 0."""
     from sdlora.adapters.read import load_adapter
-    from sdlora.mix import Mixer
+    from sdlora.mix.mixer import Mixer
 
     pipeline = load_plain_base()
     mixer = Mixer(pipeline, reproducible=True)
@@ -197,7 +197,7 @@ def render(pipeline, mixer, weights: dict[str, float], combos, seeds) -> list[Im
 
 
 def render_grid(adapters: dict[str, Path], path: Path, cell: int = 128) -> Path:
-    from sdlora.grid import labelled_grid
+    from sdlora.render.grid import labelled_grid
 
     pipeline, mixer = demo_pipeline(adapters)
     seeds = range(len(GRID_PROMPTS))

@@ -7,7 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sdlora.tiny import save_tiny_pipeline  # noqa: E402
+from sdlora.base.tiny import save_tiny_pipeline  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 from sdlora.adapters.core import Adapter, LoraLayer
 from sdlora.adapters.read import load_adapter, match_to_base
 from sdlora.adapters.write import save_adapter
+from sdlora.base.tiny import build_tiny_pipeline
 from sdlora.cli import main
 from sdlora.errors import SdloraError
-from sdlora.tiny import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

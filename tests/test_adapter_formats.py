@@ -13,8 +13,8 @@ from sdlora.adapters import keys
 from sdlora.adapters.core import LohaLayer, LokrLayer
 from sdlora.adapters.metadata import family_from_metadata, training_metadata, trigger_words
 from sdlora.adapters.read import load_adapter, match_to_base, read_adapter_file
+from sdlora.base.tiny import build_tiny_pipeline
 from sdlora.errors import SdloraError
-from sdlora.tiny import build_tiny_pipeline
 
 ATTN1_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 TEXT_Q = "text_model.encoder.layers.0.self_attn.q_proj"

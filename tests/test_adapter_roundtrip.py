@@ -10,8 +10,8 @@ from safetensors import safe_open
 from sdlora.adapters.core import Adapter, LohaLayer, LokrLayer, LoraLayer
 from sdlora.adapters.read import load_adapter, match_to_base
 from sdlora.adapters.write import save_adapter
+from sdlora.base.tiny import build_tiny_pipeline
 from sdlora.errors import SdloraError
-from sdlora.tiny import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora.models import load_base
+from sdlora.base.models import load_base
 from sdlora.train.class_images import ensure_class_images
 
 SMALL = dict(resolution=64, num_inference_steps=2, show_progress=False)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdlora import demo, demo_base
+from sdlora import demo
+from sdlora.base import demo_base
 from sdlora.cli import main
 from sdlora.errors import SdloraError
 

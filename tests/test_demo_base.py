@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from sdlora import demo_base
-from sdlora.models import load_base
+from sdlora.base import demo_base
+from sdlora.base.models import load_base
 
 SEEDS = range(50)
 

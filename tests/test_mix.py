@@ -14,9 +14,9 @@ import torch
 from factories import random_adapter
 
 from sdlora.adapters.core import Adapter, LohaLayer, LokrLayer
+from sdlora.base.tiny import build_tiny_pipeline
 from sdlora.errors import SdloraError
-from sdlora.mix import Mixer
-from sdlora.tiny import build_tiny_pipeline
+from sdlora.mix.mixer import Mixer
 
 COMPONENT_NAMES = ("unet", "text_encoder", "text_encoder_2")
 

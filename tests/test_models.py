@@ -1,7 +1,7 @@
 import pytest
 
+from sdlora.base.models import load_base
 from sdlora.errors import SdloraError
-from sdlora.models import load_base
 
 
 def test_family_and_prediction_type_come_from_the_model(tiny_sd1, tiny_sdxl, tiny_sd1_v):

@@ -17,8 +17,8 @@ from PIL import Image
 from test_train import interrupt_at, tiny_config
 
 from sdlora.adapters.read import load_adapter
+from sdlora.base.models import load_base
 from sdlora.errors import SdloraError
-from sdlora.models import load_base
 from sdlora.train.cache import encode_latents
 from sdlora.train.dataset import TrainingDataset
 from sdlora.train.loop import train

@@ -17,10 +17,10 @@ from factories import random_adapter
 from PIL import Image
 
 from sdlora.adapters.write import save_adapter
+from sdlora.base.tiny import build_tiny_pipeline, tiny_scheduler
 from sdlora.cli import main
-from sdlora.render_png import parse_parameters, read_png_texts
-from sdlora.schedulers import SAMPLERS, build_scheduler, get_sampler
-from sdlora.tiny import build_tiny_pipeline, tiny_scheduler
+from sdlora.render.png import parse_parameters, read_png_texts
+from sdlora.render.schedulers import SAMPLERS, build_scheduler, get_sampler
 
 FAST = ["--steps", "2", "--width", "64", "--height", "64"]
 

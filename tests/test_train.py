@@ -15,9 +15,9 @@ from PIL import Image
 from safetensors import safe_open
 
 from sdlora.adapters.read import load_adapter
+from sdlora.base.models import load_base
 from sdlora.cli import main
 from sdlora.errors import SdloraError
-from sdlora.models import load_base
 from sdlora.train.checkpoints import list_checkpoints
 from sdlora.train.config import from_dict, validate
 from sdlora.train.loop import train

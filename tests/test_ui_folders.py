@@ -6,11 +6,11 @@ import pytest
 from factories import random_adapter
 
 from sdlora.adapters.write import save_adapter
+from sdlora.base.models import load_base
 from sdlora.cli import build_parser
 from sdlora.errors import SdloraError
-from sdlora.models import load_base
-from sdlora.ui import folders_from_args, parse_auth
-from sdlora.ui_folders import Folders
+from sdlora.ui.command import folders_from_args, parse_auth
+from sdlora.ui.folders import Folders
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ from factories import random_adapter
 from PIL import Image
 
 from sdlora.adapters.write import save_adapter
+from sdlora.base.models import load_base
 from sdlora.cli import main
 from sdlora.errors import SdloraError
-from sdlora.models import load_base
-from sdlora.render_png import read_png_texts
-from sdlora.ui_folders import Folders
-from sdlora.ui_studio import GenerationRequest, Studio, render_command
+from sdlora.render.png import read_png_texts
+from sdlora.ui.folders import Folders
+from sdlora.ui.studio import GenerationRequest, Studio, render_command
 
 
 @pytest.fixture(scope="module")

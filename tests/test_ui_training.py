@@ -12,8 +12,8 @@ from PIL import Image
 from sdlora.adapters.read import load_adapter
 from sdlora.errors import SdloraError
 from sdlora.train.checkpoints import list_checkpoints
-from sdlora.ui_folders import Folders
-from sdlora.ui_training import Trainer, TrainingRequest
+from sdlora.ui.folders import Folders
+from sdlora.ui.training import Trainer, TrainingRequest
 
 PRESETS = Path(__file__).parent / "e2e" / "presets"
 
@@ -119,7 +119,7 @@ def test_uploads_must_be_images_or_captions_within_the_size_limit(folders, tmp_p
     for bad, message in ((script, "only"), (fake, "not a readable image")):
         with pytest.raises(SdloraError, match=message):
             trainer.config_for(request([*uploads, str(bad)]))
-    monkeypatch.setattr("sdlora.ui_training.MAX_UPLOAD_BYTES", 100)
+    monkeypatch.setattr("sdlora.ui.training.MAX_UPLOAD_BYTES", 100)
     with pytest.raises(SdloraError, match="larger than"):
         trainer.config_for(request(uploads))
 

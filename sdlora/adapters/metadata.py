@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from sdlora.families import FAMILIES, get_family
+from sdlora.base.families import FAMILIES, get_family
 
 FAMILY_KEY = "sdlora.family"
 CONFIG_KEY = "sdlora.config"

@@ -26,10 +26,10 @@ from sdlora.adapters import keys
 from sdlora.adapters.core import COMPONENTS, Adapter, Layer, LohaLayer, LokrLayer, LoraLayer
 from sdlora.adapters.metadata import family_from_metadata, family_from_model_name
 from sdlora.errors import SdloraError
+from sdlora.files import PICKLE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 PEFT_CONFIG_KEY = "lora_adapter_metadata"  # diffusers' JSON of each component's LoraConfig
 FOLDED_ALPHA_KEY = "sdlora.folded_alpha"  # written by save_adapter's diffusers layout
 # Cross-attention width of the full-size UNets (attn2.to_k input), and text-encoder widths.

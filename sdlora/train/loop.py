@@ -4,7 +4,7 @@
     -> loss (epsilon or v, min-SNR, prior preservation) -> optimizer step -> checkpoints
     -> {output.dir}/{output.name}.safetensors
 
-Family differences live in `sdlora.families` and `sdlora.train.conditioning`; this file only
+Family differences live in `sdlora.base.families` and `sdlora.train.conditioning`; this file only
 decides what happens in which order. Every random draw of step s comes from generators seeded
 with (seed, s), and the data order is a pure function of (seed, epoch), so a run resumed from
 a checkpoint continues exactly as the uninterrupted run would have.
@@ -24,8 +24,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
+from sdlora.base.models import load_base
 from sdlora.errors import SdloraError
-from sdlora.models import load_base
 from sdlora.train import checkpoints
 from sdlora.train.cache import LatentCache, TextCache, encode_latents
 from sdlora.train.conditioning import encode_text, unet_conditioning

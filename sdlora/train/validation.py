@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from sdlora.files import atomic_write
-from sdlora.grid import labelled_grid
+from sdlora.render.grid import labelled_grid
 from sdlora.train.conditioning import TextEmbedding
 
 

@@ -11,7 +11,7 @@ from factories import random_adapter
 from ui_server import CHROMIUM, CHROMIUM_ARGS, serve
 
 from sdlora.adapters.write import save_adapter
-from sdlora.models import load_base
+from sdlora.base.models import load_base
 
 
 @pytest.fixture(scope="session")

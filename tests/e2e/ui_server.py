@@ -28,10 +28,10 @@ def free_port() -> int:
 
 def serve(base: str, adapters: Path, images: Path, auth: tuple[str, str] | None = None):
     """Start the UI in this process on a free 127.0.0.1 port; returns (app, url)."""
-    from sdlora.ui import build_app, launch
-    from sdlora.ui_folders import Folders
-    from sdlora.ui_studio import Studio
-    from sdlora.ui_training import Trainer
+    from sdlora.ui.command import build_app, launch
+    from sdlora.ui.folders import Folders
+    from sdlora.ui.studio import Studio
+    from sdlora.ui.training import Trainer
 
     folders = Folders(adapters=adapters, configs=PRESETS, default_base=base)
     studio = Studio(folders, images)

@@ -18,7 +18,7 @@ from sdlora.adapters.metadata import trigger_words
 from sdlora.errors import SdloraError
 
 ADAPTER_SUFFIX = ".safetensors"
-# Stricter than sdlora.models.HUB_ID: no segment may be "." or "..", so no id is also a path.
+# Stricter than sdlora.base.models.HUB_ID: no segment may be "." or "..", so no id is also a path.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w-]*(\.[\w-]+)*/[A-Za-z0-9][\w-]*(\.[\w-]+)*")
 PLAIN_NAME = re.compile(r"[\w][\w .+-]*")
 

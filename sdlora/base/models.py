@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
+from sdlora.base.families import Family, family_from_unet_config, get_family
 from sdlora.errors import SdloraError
-from sdlora.families import Family, family_from_unet_config, get_family
+from sdlora.files import PICKLE_SUFFIXES
 
 SINGLE_FILE_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -48,7 +48,7 @@ class Base:
 def resolve_base_source(source: str) -> str:
     """Map a user's base spec to something diffusers loads; `demo` is the embedded tiny base."""
     if source == "demo":
-        from sdlora.demo_base import demo_base_path
+        from sdlora.base.demo_base import demo_base_path
 
         return str(demo_base_path())
     return source

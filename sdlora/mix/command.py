@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 
 from sdlora.errors import SdloraError
-from sdlora.render import ensure_writable, load_into_mixer
-from sdlora.render_plan import adapters_from_specs
+from sdlora.render.command import ensure_writable, load_into_mixer
+from sdlora.render.plan import adapters_from_specs
 
 
 def mix_command(args) -> None:
-    from sdlora.mix import Mixer
-    from sdlora.models import load_base
+    from sdlora.base.models import load_base
+    from sdlora.mix.mixer import Mixer
 
     files, weights = adapters_from_specs(args.lora)
     if args.rank is not None and (args.out is None or args.rank < 1):

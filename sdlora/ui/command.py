@@ -1,7 +1,7 @@
 """The web UI: `python app.py` or `sdlora ui`, a Gradio app with a Generate and a Train tab.
 
     arguments -> Folders (what browsers may reach) -> Studio (base + mixer) and Trainer
-    -> build_app: the base chooser, then the tabs (sdlora.ui_generate_tab, sdlora.ui_train_tab)
+    -> build_app: the base chooser, then the tabs (sdlora.ui.generate_tab, sdlora.ui.train_tab)
     -> launch on 127.0.0.1 unless --host says otherwise, behind --auth when given
 
 The UI holds no logic of its own: generation is `Studio.generate` (the mixer under a lock),
@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 from sdlora.errors import SdloraError
 
 if TYPE_CHECKING:  # the heavy modules load when the UI starts, not with every `sdlora` command
-    from sdlora.ui_folders import Folders
-    from sdlora.ui_studio import Studio
-    from sdlora.ui_training import Trainer
+    from sdlora.ui.folders import Folders
+    from sdlora.ui.studio import Studio
+    from sdlora.ui.training import Trainer
 
 TITLE = "sdlora"
 # Generations wait on Studio.lock, not on Gradio's queue, so a slow one does not hold up the
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def folders_from_args(args: argparse.Namespace) -> Folders:
-    from sdlora.ui_folders import Folders
+    from sdlora.ui.folders import Folders
 
     adapters = Path(args.adapters_dir)
     try:
@@ -84,8 +84,8 @@ def build_app(folders: Folders, studio: Studio, trainer: Trainer):
     """The Gradio Blocks over one studio and one trainer (shared by every browser)."""
     import gradio as gr
 
-    from sdlora.ui_generate_tab import generate_tab
-    from sdlora.ui_train_tab import train_tab
+    from sdlora.ui.generate_tab import generate_tab
+    from sdlora.ui.train_tab import train_tab
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         gr.Markdown(f"# {TITLE}\nMix LoRA adapters with a slider each, or train a new one.")
@@ -115,7 +115,7 @@ def launch(
     block: bool = True,
 ):
     """Serve `app` (only the studio's images as files); block=False returns at once (tests)."""
-    from sdlora.ui_training import MAX_UPLOAD_BYTES
+    from sdlora.ui.training import MAX_UPLOAD_BYTES
 
     return app.launch(
         server_name=host,
@@ -130,8 +130,8 @@ def launch(
 
 
 def ui_command(args: argparse.Namespace) -> None:
-    from sdlora.ui_studio import Studio
-    from sdlora.ui_training import Trainer
+    from sdlora.ui.studio import Studio
+    from sdlora.ui.training import Trainer
 
     auth = parse_auth(args.auth)
     if args.host not in LOCAL_HOSTS and auth is None:

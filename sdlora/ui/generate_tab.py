@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import gradio as gr
 
 from sdlora.errors import SdloraError
-from sdlora.mix import UNET_BLOCKS
-from sdlora.schedulers import SAMPLERS
-from sdlora.ui_folders import Folders
-from sdlora.ui_studio import MAX_BATCH, MAX_SIZE, MAX_STEPS, GenerationRequest, Studio
+from sdlora.mix.mixer import UNET_BLOCKS
+from sdlora.render.schedulers import SAMPLERS
+from sdlora.ui.folders import Folders
+from sdlora.ui.studio import MAX_BATCH, MAX_SIZE, MAX_STEPS, GenerationRequest, Studio
 
 WEIGHT_RANGE = (-1.0, 2.0)
 WEIGHT_STEP = 0.05

@@ -1,7 +1,7 @@
 """`sdlora render`: prompts + a weighted mix of adapters -> PNG files with their settings inside.
 
 Flow, top to bottom:
-1. plan (sdlora.render_plan): arguments, prompt rows and adapter names become a list of jobs,
+1. plan (sdlora.render.plan): arguments, prompt rows and adapter names become a list of jobs,
    one per image; every user mistake is reported here, before a model is loaded.
 2. shard: under `accelerate launch -m sdlora render ...` (GPUs) or
    `torchrun --nproc_per_node N -m sdlora render ...` (any machine) each process takes the jobs
@@ -27,10 +27,10 @@ import torch
 
 import sdlora
 from sdlora.errors import SdloraError
-from sdlora.render_grid import grid_image
-from sdlora.render_plan import Job, RenderPlan, plan_render
-from sdlora.render_png import a1111_parameters, lora_hash, model_hash, write_png
-from sdlora.schedulers import build_scheduler, get_sampler
+from sdlora.render.grid import labelled_grid
+from sdlora.render.plan import Job, RenderPlan, plan_render
+from sdlora.render.png import a1111_parameters, lora_hash, model_hash, write_png
+from sdlora.render.schedulers import build_scheduler, get_sampler
 
 
 def render_command(args) -> None:
@@ -83,8 +83,8 @@ class Renderer:
         import diffusers
         import transformers
 
-        from sdlora.mix import Mixer
-        from sdlora.models import load_base
+        from sdlora.base.models import load_base
+        from sdlora.mix.mixer import Mixer
 
         # our bar counts images; the libraries' loading bars would only interleave with it
         diffusers.utils.logging.disable_progress_bar()
@@ -179,7 +179,7 @@ def write_grid(grid, out: Path) -> None:
         images = [image.resize(cells[0][0].size if cells else images[0].size) for image in images]
         cells.append(images)
     texts = {"sdlora": json.dumps({"grid": [[job.filename for job in row] for row in grid.cells]})}
-    write_png(grid_image(cells, grid.column_labels, grid.row_labels), out / grid.filename, texts)
+    write_png(labelled_grid(cells, grid.row_labels, grid.column_labels), out / grid.filename, texts)
 
 
 def _progress(jobs: list[Job], state):

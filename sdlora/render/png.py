@@ -16,15 +16,17 @@ Each image carries two tEXt chunks:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from sdlora.models import resolve_base_source
+from sdlora.base.models import resolve_base_source
+from sdlora.errors import SdloraError
+from sdlora.files import atomic_write
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -94,14 +96,7 @@ def write_png(image: Image.Image, path: Path, texts: dict[str, str]) -> None:
     info = PngImagePlugin.PngInfo()
     for key, value in texts.items():
         info.add_text(key, value)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            image.save(stream, format="PNG", pnginfo=info)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda temporary: image.save(temporary, format="PNG", pnginfo=info))
 
 
 def read_png_texts(path: str | Path) -> dict[str, str]:
@@ -168,12 +163,7 @@ def _cached_sha256(path: Path) -> str:
         for chunk in iter(lambda: stream.read(1 << 24), b""):
             digest.update(chunk)
     cache[key] = digest.hexdigest()
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
-        with os.fdopen(handle, "w") as stream:
-            json.dump(cache, stream)
-        os.replace(temporary, cache_file)
-    except OSError:
-        pass  # an unwritable cache only costs hashing again next time
+    # an unwritable cache only costs hashing again next time
+    with contextlib.suppress(OSError, SdloraError):
+        atomic_write(cache_file, lambda temporary: Path(temporary).write_text(json.dumps(cache)))
     return cache[key]

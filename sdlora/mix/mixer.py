@@ -31,8 +31,8 @@ import torch
 
 from sdlora.adapters.core import COMPONENTS, Adapter, Layer, LoraLayer, split_path
 from sdlora.adapters.read import match_to_base
+from sdlora.base.models import describe_pipeline
 from sdlora.errors import SdloraError
-from sdlora.models import describe_pipeline
 
 UNET_BLOCKS = ("down", "mid", "up")
 # Exact incremental updates still round; refreshing from the base copy this often bounds the
@@ -258,7 +258,7 @@ class Mixer:
                 dropped_squared += dropped
             total = kept_squared + dropped_squared
             error = math.sqrt(dropped_squared / total) if total > 0 else 0.0
-            metadata = {"sdlora.mix": json.dumps(self._mix_description(), sort_keys=True)}
+            metadata = {"sdlora.mix.mixer": json.dumps(self._mix_description(), sort_keys=True)}
             return Adapter(name=name, layers=layers, family=self.family, metadata=metadata), error
 
     # -- internals -------------------------------------------------------------------------

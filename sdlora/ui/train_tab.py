@@ -14,9 +14,9 @@ from PIL import Image
 
 from sdlora.errors import SdloraError
 from sdlora.train.dataset import IMAGE_SUFFIXES
-from sdlora.ui_folders import Folders
-from sdlora.ui_generate_tab import AdapterPicker
-from sdlora.ui_training import CAPTION_SUFFIX, MAX_RANK, Trainer, TrainingJob, TrainingRequest
+from sdlora.ui.folders import Folders
+from sdlora.ui.generate_tab import AdapterPicker
+from sdlora.ui.training import CAPTION_SUFFIX, MAX_RANK, Trainer, TrainingJob, TrainingRequest
 
 POLL_SECONDS = 0.5
 

@@ -24,10 +24,10 @@ import torch
 
 import sdlora
 from sdlora.errors import SdloraError
-from sdlora.render_png import a1111_parameters, lora_hash, model_hash, write_png
-from sdlora.render_prompts import check_size
-from sdlora.schedulers import build_scheduler, get_sampler
-from sdlora.ui_folders import Folders
+from sdlora.render.png import a1111_parameters, lora_hash, model_hash, write_png
+from sdlora.render.prompts import check_size
+from sdlora.render.schedulers import build_scheduler, get_sampler
+from sdlora.ui.folders import Folders
 
 MAX_STEPS = 150
 MAX_BATCH = 8
@@ -73,8 +73,8 @@ class GeneratedImage:
 @dataclass
 class _LoadedBase:
     source: str
-    base: object  # sdlora.models.Base
-    mixer: object  # sdlora.mix.Mixer
+    base: object  # sdlora.base.models.Base
+    mixer: object  # sdlora.mix.mixer.Mixer
     scheduler_config: dict
     model_hash: str | None
     # adapter name -> (file, mtime in ns): a file rewritten by training is loaded again
@@ -129,8 +129,8 @@ class Studio:
     def _use_base(self, source: str) -> _LoadedBase:
         if self._loaded is not None and self._loaded.source == source:
             return self._loaded
-        from sdlora.mix import Mixer
-        from sdlora.models import load_base
+        from sdlora.base.models import load_base
+        from sdlora.mix.mixer import Mixer
 
         self._loaded = None  # free the old base before loading the next
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32

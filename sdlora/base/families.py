@@ -1,6 +1,6 @@
 """The model families sdlora serves, and everything that differs between them, in one table.
 
-A family is detected from the model itself (see `sdlora.models`), never from a name: the UNet's
+A family is detected from the model itself (see `sdlora.base.models`), never from a name: the UNet's
 cross-attention width and the number of text encoders tell SD 1.x, SD 2.x and SDXL apart.
 """
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"
+TOKENIZER_DIR = Path(__file__).parents[1] / "assets" / "clip_tokenizer"
 
 _TEXT_WIDTH = 32
 

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from sdlora.errors import SdloraError
 
-DEMO_BASE_DIR = Path(__file__).parent / "assets" / "demo_base"
+DEMO_BASE_DIR = Path(__file__).parents[1] / "assets" / "demo_base"
 RESOLUTION = 64
 TEXT_WIDTH = 64
 
@@ -181,7 +181,7 @@ def build_demo_pipeline(seed: int = 0):
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from sdlora.tiny import clip_tokenizer, tiny_scheduler, tiny_text_encoder, tiny_vae
+    from sdlora.base.tiny import clip_tokenizer, tiny_scheduler, tiny_text_encoder, tiny_vae
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

@@ -25,7 +25,7 @@ from sdlora.errors import SdloraError
 from sdlora.files import atomic_write
 from sdlora.train.config import from_dict, validate
 from sdlora.train.dataset import IMAGE_SUFFIXES
-from sdlora.ui_folders import PLAIN_NAME, Folders
+from sdlora.ui.folders import PLAIN_NAME, Folders
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_UPLOADS = 500

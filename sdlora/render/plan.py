@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlora.errors import SdloraError
-from sdlora.render_prompts import PromptRow, check_size, parse_lora_spec, prompt_row, read_prompts
+from sdlora.render.prompts import PromptRow, check_size, parse_lora_spec, prompt_row, read_prompts
 
 
 @dataclass
