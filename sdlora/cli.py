@@ -13,6 +13,9 @@ import warnings
 
 from sdlora.errors import SdloraError
 from sdlora.files import is_disk_full
+from sdlora.render.defaults import DEFAULT_CFG, DEFAULT_SCHEDULER, DEFAULT_STEPS
+from sdlora.render.schedulers import SAMPLERS
+from sdlora.threads import prepare_environment, use_threads
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -57,6 +60,20 @@ def _ui(args: argparse.Namespace) -> None:
     ui_command(args)
 
 
+class _Once(argparse.Action):
+    """An option that may be given once: a second --prompt would silently win otherwise."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) not in (None, self.default):
+            parser.error(f"{option_string} given twice; use --prompts FILE for several prompts")
+        setattr(namespace, self.dest, values)
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for torch (default: the cores not busy at start)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdlora", description="Train and mix Stable Diffusion LoRA adapters."
@@ -69,26 +86,43 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set train.steps=200")
     train.add_argument("--resume", metavar="latest|PATH",
                        help="continue from the latest checkpoint in output.dir, or from PATH")
+    add_threads_argument(train)
     train.set_defaults(handler=_train)
 
     render = commands.add_parser("render", help="render prompts with a weighted mix of adapters")
     render.add_argument("--base", required=True, help="hub id, diffusers folder, .safetensors or 'demo'")
-    render.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]")
+    render.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                        help="an adapter file and its weight (default 1; negative allowed); "
+                        "repeat for a mix")
     render.add_argument("--adapters-dir", help="folder that <lora:name:w> tags are resolved in")
+    render.add_argument("--block-weights", action="append", default=[], metavar="NAME=SPEC",
+                        help="per-component and per-block multipliers of adapter NAME: "
+                        "te=0.5,unet=1,down=0,mid=1,up.1=0.5 or an A1111 LoRA Block Weight "
+                        "vector (17/26 values for SD1, 12/20 for SDXL)")
     prompts = render.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompt", help="one prompt")
-    prompts.add_argument("--prompts", help="prompt file: .txt (one per line), .jsonl or .csv")
+    prompts.add_argument("--prompt", action=_Once, help="one prompt (A1111 syntax, <lora:> tags)")
+    prompts.add_argument("--prompts", action=_Once,
+                         help="prompt file: .txt (one per line), .jsonl or .csv")
     render.add_argument("--out", required=True, help="output folder")
-    render.add_argument("--negative", default="", help="negative prompt")
-    render.add_argument("--seed", type=int, default=0)
-    render.add_argument("--steps", type=int, default=30)
-    render.add_argument("--cfg", type=float, default=7.0)
-    render.add_argument("--width", type=int)
-    render.add_argument("--height", type=int)
-    render.add_argument("--scheduler", default="euler_a")
+    render.add_argument("--negative", default="", action=_Once, help="negative prompt")
+    render.add_argument("--seed", type=int, default=0,
+                        help="seed of the first image, the next ones count up; -1: a random "
+                        "seed, printed and recorded (default: %(default)s)")
+    render.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help="denoising steps (default: %(default)s)")
+    render.add_argument("--cfg", type=float, default=DEFAULT_CFG,
+                        help="classifier-free guidance scale (default: %(default)s)")
+    render.add_argument("--width", type=int, help="default: the base's own resolution")
+    render.add_argument("--height", type=int, help="default: the base's own resolution")
+    render.add_argument("--scheduler", default=DEFAULT_SCHEDULER, metavar="NAME",
+                        help=f"sampler, one of {', '.join(SAMPLERS)} (default: %(default)s)")
+    render.add_argument("--clip-skip", type=int, default=1, metavar="N",
+                        help="A1111's clip skip: 1 uses the text encoder's last layer, 2 the "
+                        "one before (default: %(default)s)")
     render.add_argument("--batch", type=int, default=1, help="images per prompt")
     render.add_argument("--grid", metavar="NAME=w1,w2,...", action="append", default=[],
                         help="render a labelled grid over an adapter's weights")
+    add_threads_argument(render)
     render.set_defaults(handler=_render)
 
     mix = commands.add_parser("mix", help="write one adapter, or a baked base, from a weighted mix")
@@ -118,15 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = commands.add_parser("ui", help="open the web UI (the same as python app.py)")
     add_ui_arguments(ui)
+    add_threads_argument(ui)
     ui.set_defaults(handler=_ui)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    prepare_environment()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # torchvision, when installed, warns about its image extension on every import
+    warnings.filterwarnings("ignore", module="torchvision")
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "threads", None) is not None and args.threads < 1:
+            raise SdloraError("--threads must be at least 1")
+        if hasattr(args, "threads"):
+            use_threads(args.threads)
         args.handler(args)
     except SdloraError as error:
         print(f"sdlora {args.command}: error: {error}", file=sys.stderr)

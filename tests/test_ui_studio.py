@@ -67,16 +67,16 @@ def test_overlapping_requests_each_get_exactly_their_solo_image(studio):
     wrong_weights = []
 
     def check_weights(module, args):
-        weights = {name: w for name, w in studio._loaded.mixer.weights.items() if w}
+        weights = {name: w for name, w in studio._session.mixer.weights.items() if w}
         if weights != expected.weights:
             wrong_weights.append((expected.weights, weights))
 
-    hook = studio._loaded.base.pipeline.unet.register_forward_pre_hook(check_weights)
+    hook = studio._session.base.pipeline.unet.register_forward_pre_hook(check_weights)
     order = list(MIXES)
     start_together = threading.Barrier(len(order))
 
     def generate(name):
-        expected.weights = MIXES[name].active_weights
+        expected.weights = {n: w for n, w in MIXES[name].weights.items() if w}
         start_together.wait()
         return pixels(studio, MIXES[name])
 
@@ -92,10 +92,10 @@ def test_overlapping_requests_each_get_exactly_their_solo_image(studio):
 
 def test_weight_zero_is_the_base_and_a_new_weight_needs_no_reload(studio):
     base = pixels(studio, request())
-    loaded = studio._loaded
+    loaded = studio._session
     assert np.array_equal(pixels(studio, request(weights={"oil": 0.0})), base)
     assert not np.array_equal(pixels(studio, request(weights={"oil": 1.0})), base)
-    assert studio._loaded is loaded  # same pipeline, re-weighted in place
+    assert studio._session is loaded  # same pipeline, re-weighted in place
 
 
 def test_render_command_renders_the_same_image(studio, folders, tmp_path):
@@ -124,11 +124,41 @@ def test_render_command_spells_out_the_bases_own_size(studio):
     assert "--width 64 --height 64" in command  # the tiny base's size, not sd1's 512
 
 
-def test_render_command_names_block_weights_it_cannot_express(folders):
-    generation = request(weights={"oil": 1.0}, block_weights={"oil": {"mid": 0.5}})
-    assert '# per-block weights have no render flag: {"oil": {"mid": 0.5}}' in render_command(
-        generation, folders
-    )
+@pytest.mark.parametrize(
+    "generation",
+    [
+        request(weights={"oil": 1.0}, block_weights={"oil": {"mid": 0.5, "up.1": 0.0}}),
+        request(weights={"oil": 0.8}, component_weights={"oil": {"text_encoder": 0.0}}),
+        request(weights={"oil": 0.5}, prompt="a red circle <lora:ink:0.7>", clip_skip=2),
+    ],
+    ids=["blocks", "components", "tag"],
+)
+def test_render_command_and_png_reproduce_every_weight(studio, folders, tmp_path, generation):
+    """The UI's picture, its "render command" and its own PNG settings give the same pixels."""
+    (image,) = studio.generate(generation)
+    words = shlex.split(render_command(generation, folders))
+    words[words.index("--out") + 1] = str(tmp_path / "command")
+    assert main(words[1:]) == 0
+    (rendered,) = (tmp_path / "command").glob("*.png")
+    assert main(["render", "--base", generation_base(folders), "--prompts", str(image.path),
+                 "--adapters-dir", str(folders.adapters), "--out", str(tmp_path / "png")]) == 0
+    (from_png,) = (tmp_path / "png").glob("*.png")
+    with Image.open(image.path) as ui_png:
+        expected = np.asarray(ui_png)
+    for path in (rendered, from_png):
+        with Image.open(path) as png:
+            assert np.array_equal(np.asarray(png), expected), path
+    for name in generation.weights:
+        assert f"<lora:{name}:" in image.caption
+    parts = generation.block_weights or generation.component_weights
+    if parts:
+        assert "--block-weights" in words
+        base_image = pixels(studio, request(weights=generation.weights))
+        assert not np.array_equal(base_image, expected)  # the parts changed the picture
+
+
+def generation_base(folders) -> str:
+    return folders.default_base
 
 
 def test_batch_count_uses_consecutive_seeds_like_render(studio):

@@ -58,6 +58,7 @@ def load_base(source: str, torch_dtype: torch.dtype = torch.float32) -> Base:
     """Load `source` (hub id, diffusers folder, .safetensors file or `demo`) as a pipeline."""
     from diffusers import DiffusionPipeline
 
+    _quiet_optional_dependency_notices()
     path = resolve_base_source(source)
     local = Path(path)
     if local.suffix.lower() in PICKLE_SUFFIXES:
@@ -89,6 +90,24 @@ def load_base(source: str, torch_dtype: torch.dtype = torch.float32) -> Base:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SdloraError(f"cannot load base {source!r}: {first_line}") from error
     return describe_pipeline(pipeline, source)
+
+
+def _quiet_optional_dependency_notices() -> None:
+    """transformers announces on every load that image processors we never use would like
+    torchvision; the notice is noise to our users, so its handler drops exactly that line."""
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.get_logger()  # sets up the library's handler
+    for handler in logging.getLogger("transformers").handlers:
+        if not any(isinstance(f, _TorchvisionNotice) for f in handler.filters):
+            handler.addFilter(_TorchvisionNotice())
+
+
+class _TorchvisionNotice:
+    def filter(self, record) -> bool:
+        return "requires torchvision" not in record.getMessage()
 
 
 def describe_pipeline(pipeline, source: str = "") -> Base:

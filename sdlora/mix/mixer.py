@@ -33,8 +33,8 @@ from sdlora.adapters.core import COMPONENTS, Adapter, Layer, LoraLayer, split_pa
 from sdlora.adapters.read import match_to_base
 from sdlora.base.models import describe_pipeline
 from sdlora.errors import SdloraError
+from sdlora.mix.block_weights import check_block_key
 
-UNET_BLOCKS = ("down", "mid", "up")
 # Exact incremental updates still round; refreshing from the base copy this often bounds the
 # drift of a slider dragged for hours while keeping the usual update incremental.
 REFRESH_EVERY = 64
@@ -82,13 +82,23 @@ class _Module:
 
 
 def _block_keys(module_name: str) -> list[str]:
-    """Block-weight keys for a UNet module, most specific first: ["down.1", "down"]."""
+    """Block-weight keys for a UNet module, most specific first: ["down.1.0", "down.1", "down"].
+
+    Layer j of a block is its resnets.j / attentions.j; its down- or upsampler is layer 2 (the
+    LDM layout, which A1111's block-weight vectors count in; see sdlora.mix.block_weights).
+    """
     head, _, rest = module_name.partition(".")
     if head == "mid_block":
         return ["mid"]
+    if head == "conv_in":
+        return ["conv_in"]
     if head in ("down_blocks", "up_blocks"):
         kind = head.split("_")[0]
-        return [f"{kind}.{rest.partition('.')[0]}", kind]
+        block, _, inner = rest.partition(".")
+        part, _, layer = inner.partition(".")
+        layer = "2" if part in ("downsamplers", "upsamplers") else layer.partition(".")[0]
+        keys = [f"{kind}.{block}.{layer}"] if layer.isdigit() else []
+        return [*keys, f"{kind}.{block}", kind]
     return []
 
 
@@ -191,17 +201,14 @@ class Mixer:
             self._apply(name)
 
     def set_block_weights(self, name: str, weights: Mapping[str, float]) -> None:
-        """Multipliers per UNet block: "down", "mid", "up", or one block like "down.1", "up.2".
+        """Multipliers per UNet block: "down", "mid", "up", one block like "down.1", "up.2",
+        one layer of a block like "down.1.0", or "conv_in" (sdlora.mix.block_weights).
 
-        The most specific key wins; modules outside the blocks (conv_in, time embedding,
-        conv_out) keep multiplier 1, as do blocks not named.
+        The most specific key wins; modules outside the blocks (time embedding, conv_out) keep
+        multiplier 1, as do blocks not named.
         """
         for key in weights:
-            kind, _, index = key.partition(".")
-            if kind not in UNET_BLOCKS or (index and (kind == "mid" or not index.isdigit())):
-                raise SdloraError(
-                    f"unknown UNet block {key!r}; expected down, mid, up, down.N or up.N"
-                )
+            check_block_key(key, f"block weights of {name!r}")
         with self.lock:
             self._entry(name).block_weights = {
                 key: _finite(value, f"{key} weight of {name!r}") for key, value in weights.items()

@@ -12,8 +12,12 @@ seed, and grid cells of one prompt share theirs (only the weight changes along a
 Weights: each image's mix starts from the --lora weights; a row's own weights (<lora:> tags,
 the loras field) override them for that row, and adapters named only elsewhere stay at 0.
 
+Per-component and per-block weights (--block-weights NAME=SPEC, sdlora.mix.block_weights)
+apply to that adapter in every image.
+
 File names are `{job index:05d}-{seed}.png`, stable across runs of the same command, which is
-what lets an interrupted run resume by skipping files that exist.
+what lets an interrupted run resume: an existing file is re-used only when its recorded
+settings are those of the job (sdlora.render.outputs); otherwise the picture gets a new name.
 """
 
 from __future__ import annotations
@@ -22,21 +26,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlora.errors import SdloraError
+from sdlora.mix.block_weights import parse_block_spec
+from sdlora.render.png_settings import settings_from_png
 from sdlora.render.prompts import PromptRow, check_size, parse_lora_spec, prompt_row, read_prompts
+from sdlora.render.session import ImageRequest
 
 
 @dataclass
 class Job:
     index: int
-    row: PromptRow
+    request: ImageRequest  # loras: every adapter of the run, 0 where unused
     row_index: int
     batch_index: int
-    seed: int
-    weights: dict[str, float]  # every adapter of the run, 0 where unused
+    label: str  # the grid's row label
 
     @property
-    def filename(self) -> str:
-        return f"{self.index:05d}-{self.seed}.png"
+    def name(self) -> str:
+        """The file's stem; a file of other settings there makes it `{name}-2`, ..."""
+        return f"{self.index:05d}-{self.request.seed}"
+
+    @property
+    def place(self) -> dict[str, int]:
+        return {"index": self.index, "prompt_index": self.row_index, "batch_index": self.batch_index}
 
 
 @dataclass
@@ -54,13 +65,25 @@ class RenderPlan:
     grids: list[Grid] = field(default_factory=list)
 
 
-def plan_render(args) -> RenderPlan:
-    """Check the arguments and list every image to render (see the module docstring)."""
+def plan_render(args, random_seed: int = 0) -> RenderPlan:
+    """Check the arguments and list every image to render (see the module docstring).
+
+    `random_seed` stands in for --seed -1 (and drives rows whose seed is -1), so that every
+    process of a sharded run draws the same seeds."""
     check_size(args.width, args.height, "command line")
     if args.batch < 1 or args.steps < 1:
         raise SdloraError("--batch and --steps must be at least 1")
+    if args.seed == -1:
+        args.seed = random_seed
     adapter_files, weights = adapters_from_specs(args.lora)
-    if args.prompts:
+    from_png: dict = {}
+    if args.prompts and Path(args.prompts).suffix.lower() == ".png":
+        from_png, recorded_files = settings_from_png(args.prompts)
+        for name, path in recorded_files.items():
+            if name not in adapter_files and not args.adapters_dir and path.is_file():
+                adapter_files[name] = path
+        rows = [_png_row(from_png, args.prompts)]
+    elif args.prompts:
         rows = read_prompts(args.prompts)
     else:
         rows = [prompt_row(args.prompt, args.negative or None)]
@@ -76,8 +99,40 @@ def plan_render(args) -> RenderPlan:
             resolver.resolve(name, f"{args.prompts}:{row.line}" if args.prompts else "--prompt")
     for name, _ in grids:
         resolver.resolve(name, "--grid")
+    parts = _block_weights(args.block_weights, resolver)
     weights = {name: weights.get(name, 0.0) for name in adapter_files}
-    return _jobs_and_grids(args, rows, weights, grids, adapter_files)
+    plan = _jobs_and_grids(args, rows, weights, grids, adapter_files, random_seed)
+    for job in plan.jobs:
+        job.request.lora_components = {name: comps for name, (comps, _) in parts.items() if comps}
+        job.request.lora_blocks = {name: blocks for name, (_, blocks) in parts.items() if blocks}
+        for key in ("scheduler", "clip_skip", "lora_components", "lora_blocks"):
+            if key in from_png:
+                setattr(job.request, key, from_png[key])
+        job.request.check()
+    return plan
+
+
+def _png_row(settings: dict, path: str) -> PromptRow:
+    """A PNG's settings as the one prompt row of the run (its adapters' weights included)."""
+    row = prompt_row(settings["prompt"], settings.get("negative") or None, where=path)
+    for key in ("seed", "steps", "cfg", "width", "height"):
+        if key in settings:
+            setattr(row, key, settings[key])
+    row.loras.update(settings.get("loras", {}))
+    return row
+
+
+def _block_weights(specs: list[str], resolver: _AdapterResolver) -> dict[str, tuple[dict, dict]]:
+    """--block-weights NAME=SPEC options -> {name: (component weights, block weights)}."""
+    parts = {}
+    for spec in specs:
+        name, equals, weights = spec.partition("=")
+        where = f"--block-weights {spec!r}"
+        if not equals or not name.strip():
+            raise SdloraError(f"{where} is not NAME=SPEC (e.g. oil=te=0.5,down=0)")
+        resolver.resolve(name.strip(), where)
+        parts[name.strip()] = parse_block_spec(weights, None, where)
+    return parts
 
 
 def adapters_from_specs(specs: list[str]) -> tuple[dict[str, Path], dict[str, float]]:
@@ -133,7 +188,7 @@ def _parse_grid(spec: str) -> tuple[str, list[float]]:
     return name.strip(), weights
 
 
-def _jobs_and_grids(args, rows, weights, grids, adapter_files) -> RenderPlan:
+def _jobs_and_grids(args, rows, weights, grids, adapter_files, random_seed) -> RenderPlan:
     """One job per image; with --grid, one job per grid cell and the grids that show them.
 
     One --grid gives one grid: a row per prompt image, a column per weight. Two give one grid
@@ -147,14 +202,18 @@ def _jobs_and_grids(args, rows, weights, grids, adapter_files) -> RenderPlan:
     shared = Grid(f"grid-{x_name}.png", [], column_labels, [])
     for row_index, row in enumerate(rows):
         row_seed = row.seed if row.seed is not None else args.seed + row_index * args.batch
+        if row_seed == -1:
+            row_seed = (random_seed + row_index * args.batch) % 2**32
         for batch_index in range(args.batch):
+            label = row.prompt if args.batch == 1 else f"{row.prompt} (#{batch_index + 1})"
             cells = []
             for y in y_weights:
                 cells.append([])
                 for x in x_weights:
                     mix = {**weights, **row.loras}
                     mix.update({name: w for name, w in ((x_name, x), (y_name, y)) if name})
-                    job = Job(len(jobs), row, row_index, batch_index, row_seed + batch_index, mix)
+                    request = _request(args, row, row_seed + batch_index, mix)
+                    job = Job(len(jobs), request, row_index, batch_index, label)
                     jobs.append(job)
                     cells[-1].append(job)
             if y_name:
@@ -168,8 +227,23 @@ def _jobs_and_grids(args, rows, weights, grids, adapter_files) -> RenderPlan:
                 )
             elif x_name:
                 shared.cells.extend(cells)
-                label = row.prompt if args.batch == 1 else f"{row.prompt} (#{batch_index + 1})"
                 shared.row_labels.append(label)
     if x_name and not y_name:
         result.grids.append(shared)
     return result
+
+
+def _request(args, row: PromptRow, seed: int, mix: dict[str, float]) -> ImageRequest:
+    """One image's settings: the row's own values, else the command line's."""
+    return ImageRequest(
+        prompt=row.prompt,
+        negative=row.negative if row.negative is not None else args.negative,
+        seed=seed,
+        steps=row.steps or args.steps,
+        cfg=row.cfg if row.cfg is not None else args.cfg,
+        width=row.width or args.width,
+        height=row.height or args.height,
+        scheduler=args.scheduler,
+        clip_skip=args.clip_skip,
+        loras=mix,
+    )

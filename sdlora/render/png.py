@@ -27,36 +27,56 @@ from PIL import Image, PngImagePlugin
 from sdlora.base.models import resolve_base_source
 from sdlora.errors import SdloraError
 from sdlora.files import atomic_write
+from sdlora.mix.block_weights import format_block_spec
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
-def a1111_parameters(
-    settings: dict, sampler, model_hash: str | None, model_name: str, lora_hashes: dict[str, str]
-) -> str:
-    """The infotext for one image; `settings` is what goes into the `sdlora` chunk."""
-    loras = settings["loras"]
-    tags = "".join(f" <lora:{name}:{weight:g}>" for name, weight in loras.items() if weight)
+def a1111_parameters(record: dict, sampler, model_name: str) -> str:
+    """The infotext for one image; `record` is what goes into the `sdlora` chunk.
+
+    Each adapter is an A1111 tag: `<lora:name:w>`, or `<lora:name:te:unet>` when its text
+    encoder and UNet weights differ; per-block weights, which A1111 keeps in no standard field,
+    go into "Lora block weights" (sdlora.mix.block_weights' spec, read back by sdlora).
+    """
+    loras = record["loras"]
+    tags = "".join(
+        _lora_tag(name, weight, record["lora_components"].get(name, {}))
+        for name, weight in loras.items()
+    )
+    blocks = "; ".join(
+        f"{name}: {format_block_spec({}, parts)}" for name, parts in record["lora_blocks"].items()
+    )
     fields = {
-        "Steps": settings["steps"],
+        "Steps": record["steps"],
         "Sampler": sampler.a1111_name,
         "Schedule type": "Karras" if sampler.karras else None,
-        "CFG scale": f"{settings['cfg']:g}",
-        "Seed": settings["seed"],
-        "Size": f"{settings['width']}x{settings['height']}",
-        "Model hash": model_hash,
+        "CFG scale": f"{record['cfg']:g}",
+        "Seed": record["seed"],
+        "Size": f"{record['width']}x{record['height']}",
+        "Model hash": record["model_hash"],
         "Model": model_name,
+        "Clip skip": record["clip_skip"] if record["clip_skip"] != 1 else None,
+        "Lora block weights": blocks or None,
         "Lora hashes": ", ".join(
-            f"{_alias(name)}: {lora_hashes[name]}" for name, weight in loras.items() if weight
+            f"{_alias(name)}: {record['lora_files'][name]['hash']}" for name in loras
         )
         or None,
-        "Version": f"sdlora {settings['version']}",
+        "Version": f"sdlora {record['version']}",
     }
     line = ", ".join(
         f"{key}: {_quote(value)}" for key, value in fields.items() if value is not None
     )
-    negative = f"\nNegative prompt: {settings['negative']}" if settings["negative"] else ""
-    return f"{settings['prompt']}{tags}{negative}\n{line}"
+    negative = f"\nNegative prompt: {record['negative']}" if record["negative"] else ""
+    return f"{record['prompt']}{tags}{negative}\n{line}"
+
+
+def _lora_tag(name: str, weight: float, components: dict[str, float]) -> str:
+    text_encoder = weight * components.get("text_encoder", 1.0)
+    unet = weight * components.get("unet", 1.0)
+    if text_encoder == unet:
+        return f" <lora:{name}:{weight:g}>"
+    return f" <lora:{name}:{text_encoder:g}:{unet:g}>"
 
 
 def parse_parameters(text: str) -> dict[str, str]:
@@ -90,9 +110,12 @@ def _alias(name: str) -> str:
     return name.replace(":", "").replace(",", "")
 
 
-def write_png(image: Image.Image, path: Path, texts: dict[str, str]) -> None:
-    """Write `image` with tEXt chunks; a temporary file renamed into place, so readers (and a
-    resumed run) never see a half-written image."""
+def write_png(image: Image.Image, path: Path, record: dict, infotext: str | None = None) -> None:
+    """Write `image` with its `sdlora` record (and A1111 `parameters`) as tEXt chunks; a
+    temporary file renamed into place, so readers (and a resumed run) never see half an image."""
+    texts = {"sdlora": json.dumps(record, sort_keys=True)}
+    if infotext is not None:
+        texts = {"parameters": infotext, **texts}
     info = PngImagePlugin.PngInfo()
     for key, value in texts.items():
         info.add_text(key, value)
@@ -102,6 +125,14 @@ def write_png(image: Image.Image, path: Path, texts: dict[str, str]) -> None:
 def read_png_texts(path: str | Path) -> dict[str, str]:
     with Image.open(path) as image:
         return dict(image.text)
+
+
+def read_record(path: str | Path) -> dict | None:
+    """The `sdlora` record of a PNG, or None when the file has none or cannot be read."""
+    try:
+        return json.loads(read_png_texts(path)["sdlora"])
+    except (OSError, KeyError, ValueError, SyntaxError):
+        return None
 
 
 def lora_hash(path: str | Path) -> str:

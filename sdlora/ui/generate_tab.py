@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from sdlora.errors import SdloraError
-from sdlora.mix.mixer import UNET_BLOCKS
+from sdlora.mix.block_weights import UNET_BLOCKS
 from sdlora.render.schedulers import SAMPLERS
 from sdlora.ui.folders import Folders
 from sdlora.ui.studio import MAX_BATCH, MAX_SIZE, MAX_STEPS, GenerationRequest, Studio

@@ -1,19 +1,18 @@
-"""What the Generate tab runs: one loaded base and its `Mixer`, shared by every browser.
+"""What the Generate tab runs: a `GenerationSession` (the one `sdlora render` runs), shared by
+every browser.
 
-A request carries its whole mix (adapter weights and per-block weights). The base, the mixer's
-fused weights and the pipeline's scheduler are shared state, so one request at a time owns
-them: `Studio.lock` is held from "load this base / these adapters" through `Mixer.using(mix)`
-to the last denoising step. Two users with different sliders therefore never generate on each
-other's weights; they take turns, and each gets exactly the image a solo run gives (the mixer
-is reproducible: fused weights depend on the mix alone, not on the mix before it).
+A request carries its whole mix: adapter weights from the sliders and from `<lora:name:w>`
+tags in the prompt, per-component and per-block weights. The session's lock is held from "set
+this mix" to the last denoising step, so two users with different sliders never generate on
+each other's weights; each gets exactly the image a solo run (and `sdlora render`) gives.
 
-Images are written as PNGs with the same settings text `sdlora render` writes, and
-`render_command` gives the `sdlora render` line that produces the same images.
+Images are written as PNGs with the same settings `sdlora render` writes, and `render_command`
+gives the `sdlora render` line that draws the same images.
 """
 
 from __future__ import annotations
 
-import json
+import secrets
 import shlex
 import tempfile
 import threading
@@ -22,16 +21,17 @@ from pathlib import Path
 
 import torch
 
-import sdlora
 from sdlora.errors import SdloraError
-from sdlora.render.png import a1111_parameters, lora_hash, model_hash, write_png
-from sdlora.render.prompts import check_size
-from sdlora.render.schedulers import build_scheduler, get_sampler
+from sdlora.mix.block_weights import format_block_spec
+from sdlora.render.defaults import DEFAULT_CFG, DEFAULT_SCHEDULER, DEFAULT_STEPS
+from sdlora.render.prompts import strip_lora_tags
+from sdlora.render.session import GenerationSession, ImageRequest
 from sdlora.ui.folders import Folders
 
 MAX_STEPS = 150
 MAX_BATCH = 8
 MAX_SIZE = 2048
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -39,28 +39,49 @@ class GenerationRequest:
     prompt: str
     base: str = ""  # the user's choice; "" is the operator's --base
     negative: str = ""
-    seed: int = 0
-    steps: int = 20
-    cfg: float = 7.0
+    seed: int = 0  # -1: a random seed, drawn per request and recorded
+    steps: int = DEFAULT_STEPS
+    cfg: float = DEFAULT_CFG
     width: int | None = None  # None: the base's own resolution
     height: int | None = None
-    scheduler: str = "euler_a"
+    scheduler: str = DEFAULT_SCHEDULER
+    clip_skip: int = 1
     batch: int = 1
     weights: dict[str, float] = field(default_factory=dict)  # adapter name -> weight
     block_weights: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> {down: w}
+    component_weights: dict[str, dict[str, float]] = field(default_factory=dict)  # {unet: w}
 
-    def check(self) -> None:
-        """Refuse what a shared server should not run, before anything is loaded."""
-        get_sampler(self.scheduler)
-        check_size(self.width, self.height, "size")
+    def image_requests(self, seed: int) -> list[ImageRequest]:
+        """The request as one `ImageRequest` per image of the batch (seeds counting up from
+        `seed`, as `sdlora render --batch` does); <lora:> tags in the prompts join the mix.
+        Refuses what a shared server should not run, before anything is loaded."""
         if max(self.width or 0, self.height or 0) > MAX_SIZE:
             raise SdloraError(f"width and height are limited to {MAX_SIZE}")
         if not 1 <= self.steps <= MAX_STEPS or not 1 <= self.batch <= MAX_BATCH:
             raise SdloraError(f"steps must be 1-{MAX_STEPS} and batch count 1-{MAX_BATCH}")
-
-    @property
-    def active_weights(self) -> dict[str, float]:
-        return {name: weight for name, weight in self.weights.items() if weight}
+        prompt, tagged = strip_lora_tags(self.prompt, "prompt")
+        negative, negative_tagged = strip_lora_tags(self.negative, "negative prompt")
+        loras = {**self.weights, **tagged, **negative_tagged}
+        requests = [
+            ImageRequest(
+                prompt=prompt,
+                negative=negative,
+                seed=seed + index,
+                steps=self.steps,
+                cfg=self.cfg,
+                width=self.width,
+                height=self.height,
+                scheduler=self.scheduler,
+                clip_skip=self.clip_skip,
+                loras=loras,
+                lora_components={k: v for k, v in self.component_weights.items() if v},
+                lora_blocks={k: v for k, v in self.block_weights.items() if v},
+            )
+            for index in range(self.batch)
+        ]
+        for request in requests:
+            request.check()
+        return requests
 
 
 @dataclass
@@ -70,146 +91,46 @@ class GeneratedImage:
     settings: dict
 
 
-@dataclass
-class _LoadedBase:
-    source: str
-    base: object  # sdlora.base.models.Base
-    mixer: object  # sdlora.mix.mixer.Mixer
-    scheduler_config: dict
-    model_hash: str | None
-    # adapter name -> (file, mtime in ns): a file rewritten by training is loaded again
-    adapter_files: dict[str, tuple[Path, int]] = field(default_factory=dict)
-    lora_hashes: dict[str, str] = field(default_factory=dict)
-
-
 class Studio:
     def __init__(self, folders: Folders, output_dir: Path | None = None):
         self.folders = folders
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="sdlora-ui-"))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.lock = threading.Lock()
-        self._loaded: _LoadedBase | None = None
+        self.lock = threading.Lock()  # one base loaded at a time; the session locks the rest
+        self._session: GenerationSession | None = None
         self._counter = 0
 
     def generate(self, request: GenerationRequest) -> list[GeneratedImage]:
-        request.check()
+        seed = secrets.randbelow(MAX_SEED + 1) if request.seed == -1 else request.seed
+        images = request.image_requests(seed)
         source = self.folders.base_source(request.base)
-        files = {name: self.folders.adapter_path(name) for name in request.active_weights}
+        files = {name: self.folders.adapter_path(name) for name in images[0].active_loras}
         results = []
         with self.lock:
-            loaded = self._use_base(source)
-            self._use_adapters(loaded, files)
-            mix = {name: request.weights.get(name, 0.0) for name in loaded.adapter_files}
-            pipeline = loaded.base.pipeline
-            with loaded.mixer.using(mix), torch.inference_mode():
-                for name in files:
-                    loaded.mixer.set_block_weights(name, request.block_weights.get(name, {}))
-                pipeline.scheduler = build_scheduler(request.scheduler, loaded.scheduler_config)
-                for index in range(request.batch):
-                    settings = self._settings(request, loaded, index)
-                    image = pipeline(
-                        prompt=request.prompt,
-                        negative_prompt=request.negative or None,
-                        num_inference_steps=request.steps,
-                        guidance_scale=request.cfg,
-                        width=settings["width"],
-                        height=settings["height"],
-                        generator=torch.Generator("cpu").manual_seed(settings["seed"]),
-                    ).images[0]
-                    results.append((image, settings))
+            session = self._use_base(source)
+            session.use_adapters(files)
+            for index, image_request in enumerate(images):
+                results.append(session.generate(image_request, batch_index=index))
+            first_number = self._counter
             self._counter += len(results)
-            first_number = self._counter - len(results)
-        return [
-            self._write(image, settings, loaded, first_number + offset, request.scheduler)
-            for offset, (image, settings) in enumerate(results)
-        ]
+        generated = []
+        for offset, rendered in enumerate(results):
+            path = self.output_dir / f"{first_number + offset:05d}-{rendered.record['seed']}.png"
+            rendered.write(path)
+            generated.append(GeneratedImage(path, rendered.infotext, rendered.record))
+        return generated
 
-    # -- loading, under the lock -------------------------------------------------------------
-
-    def _use_base(self, source: str) -> _LoadedBase:
-        if self._loaded is not None and self._loaded.source == source:
-            return self._loaded
-        from sdlora.base.models import load_base
-        from sdlora.mix.mixer import Mixer
-
-        self._loaded = None  # free the old base before loading the next
-        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        base = load_base(source, torch_dtype=dtype)
-        base.pipeline.to(self.device)
-        base.pipeline.set_progress_bar_config(disable=True)
-        self._loaded = _LoadedBase(
-            source=source,
-            base=base,
-            mixer=Mixer(base.pipeline, reproducible=True),
-            scheduler_config=base.pipeline.scheduler.config,
-            model_hash=model_hash(source),
-        )
-        return self._loaded
-
-    @staticmethod
-    def _use_adapters(loaded: _LoadedBase, files: dict[str, Path]) -> None:
-        """Load adapters not yet in the mixer; reload one whose file changed (retrained)."""
-        from sdlora.adapters.read import load_adapter
-
-        for name, path in files.items():
-            stamp = path.stat().st_mtime_ns
-            if loaded.adapter_files.get(name) == (path, stamp):
-                continue
-            if name in loaded.adapter_files:
-                loaded.mixer.remove(name)
-                del loaded.adapter_files[name]
-            loaded.mixer.add(load_adapter(path, name=name), 0.0)
-            loaded.adapter_files[name] = (path, stamp)
-            loaded.lora_hashes[name] = lora_hash(path)
-
-    def _settings(self, request: GenerationRequest, loaded: _LoadedBase, index: int) -> dict:
-        """The `sdlora` PNG chunk, with the keys `sdlora render` writes."""
-        default_size = loaded.base.native_size
-        loras = request.active_weights
-        return {
-            "version": sdlora.__version__,
-            "base": loaded.source,
-            "model_hash": loaded.model_hash,
-            "family": loaded.base.family.name,
-            "prompt": request.prompt,
-            "negative": request.negative,
-            "seed": request.seed + index,
-            "steps": request.steps,
-            "cfg": request.cfg,
-            "width": request.width or default_size,
-            "height": request.height or default_size,
-            "scheduler": request.scheduler,
-            "loras": loras,
-            "lora_blocks": {
-                name: request.block_weights[name]
-                for name in loras
-                if request.block_weights.get(name)
-            },
-            "lora_files": {
-                name: {"path": str(loaded.adapter_files[name][0]), "hash": loaded.lora_hashes[name]}
-                for name in loras
-            },
-            "batch_index": index,
-        }
-
-    def _write(
-        self, image, settings: dict, loaded: _LoadedBase, number: int, scheduler: str
-    ) -> GeneratedImage:
-        source = Path(loaded.source.rstrip("/\\"))
-        model_name = source.stem if source.is_file() else source.name
-        caption = a1111_parameters(
-            settings, get_sampler(scheduler), loaded.model_hash, model_name, loaded.lora_hashes
-        )
-        path = self.output_dir / f"{number:05d}-{settings['seed']}.png"
-        texts = {"parameters": caption, "sdlora": json.dumps(settings, sort_keys=True)}
-        write_png(image, path, texts)
-        return GeneratedImage(path, caption, settings)
+    def _use_base(self, source: str) -> GenerationSession:
+        if self._session is None or self._session.source != source:
+            self._session = None  # free the old base before loading the next
+            self._session = GenerationSession(source, self.device)
+        return self._session
 
     def render_command(self, request: GenerationRequest) -> str:
         """`render_command`, with the base's own size filled in once that base is loaded."""
-        loaded = self._loaded
+        session = self._session
         source = self.folders.base_source(request.base)
-        native_size = loaded.base.native_size if loaded and loaded.source == source else None
+        native_size = session.base.native_size if session and session.source == source else None
         return render_command(request, self.folders, native_size)
 
 
@@ -219,30 +140,26 @@ def render_command(
     """The `sdlora render` command line that renders what `request` generates; `native_size`
     (the base's own size) is written out for a size left to the base, as render's default
     is the family's resolution, which a small base may not share."""
+    (first, *_) = request.image_requests(request.seed if request.seed != -1 else 0)
     words = ["sdlora", "render", "--base", folders.base_source(request.base)]
-    for name, weight in request.active_weights.items():
+    for name, weight in first.active_loras.items():
         words += ["--lora", f"{folders.adapter_path(name)}:{weight:g}"]
-    words += ["--prompt", request.prompt]
-    if request.negative:
-        words += ["--negative", request.negative]
-    words += [
-        "--seed",
-        str(request.seed),
-        "--steps",
-        str(request.steps),
-        "--cfg",
-        f"{request.cfg:g}",
-    ]
+    for name in first.active_loras:
+        spec = format_block_spec(
+            first.lora_components.get(name, {}), first.lora_blocks.get(name, {})
+        )
+        if spec:
+            words += ["--block-weights", f"{name}={spec}"]
+    words += ["--prompt", first.prompt]
+    if first.negative:
+        words += ["--negative", first.negative]
+    words += ["--seed", str(request.seed), "--steps", str(request.steps)]
+    words += ["--cfg", f"{request.cfg:g}"]
     for flag, size in (("--width", request.width), ("--height", request.height)):
         if size or native_size:
             words += [flag, str(size or native_size)]
-    words += ["--scheduler", request.scheduler, "--batch", str(request.batch), "--out", "out/ui"]
-    command = shlex.join(words)
-    blocks = {
-        name: request.block_weights[name]
-        for name in request.active_weights
-        if request.block_weights.get(name)
-    }
-    if blocks:
-        command += f"\n# per-block weights have no render flag: {json.dumps(blocks)}"
-    return command
+    words += ["--scheduler", request.scheduler]
+    if request.clip_skip != 1:
+        words += ["--clip-skip", str(request.clip_skip)]
+    words += ["--batch", str(request.batch), "--out", "out/ui"]
+    return shlex.join(words)
