@@ -14,8 +14,8 @@ from sdlora.adapters.read import load_adapter
 from sdlora.adapters.write import save_adapter
 from sdlora.base.tiny import build_tiny_pipeline
 from sdlora.cli import main
+from sdlora.mix.command import load_into_mixer
 from sdlora.mix.mixer import Mixer
-from sdlora.render.command import load_into_mixer
 
 WEIGHTS = {"first": 0.7, "second": -0.4}
 

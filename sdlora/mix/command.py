@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from sdlora.errors import SdloraError
-from sdlora.render.command import ensure_writable, load_into_mixer
+from sdlora.render.command import ensure_writable
 from sdlora.render.plan import adapters_from_specs
 
 
@@ -61,3 +61,11 @@ def mix_command(args) -> None:
 
 def _describe(weights: dict[str, float]) -> str:
     return " + ".join(f"{weight:g} x {name}" for name, weight in weights.items())
+
+
+def load_into_mixer(mixer, files: dict[str, Path], weights: dict[str, float] | None = None) -> None:
+    """Read each adapter file and add it to `mixer` (which warns about layers the base lacks)."""
+    from sdlora.adapters.read import load_adapter
+
+    for name, path in files.items():
+        mixer.add(load_adapter(path, name=name), (weights or {}).get(name, 0.0))

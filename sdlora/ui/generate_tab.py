@@ -17,13 +17,20 @@ import gradio as gr
 
 from sdlora.errors import SdloraError
 from sdlora.mix.block_weights import UNET_BLOCKS
+from sdlora.render.defaults import DEFAULT_STEPS, MAX_CLIP_SKIP
 from sdlora.render.schedulers import SAMPLERS
 from sdlora.ui.folders import Folders
-from sdlora.ui.studio import MAX_BATCH, MAX_SIZE, MAX_STEPS, GenerationRequest, Studio
+from sdlora.ui.studio import (
+    MAX_BATCH,
+    MAX_SEED,
+    MAX_SIZE,
+    MAX_STEPS,
+    GenerationRequest,
+    Studio,
+)
 
 WEIGHT_RANGE = (-1.0, 2.0)
 WEIGHT_STEP = 0.05
-MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -71,14 +78,15 @@ def generate_tab(folders: Folders, studio: Studio, base: gr.Dropdown) -> Adapter
                     0,
                     label="Seed",
                     precision=0,
-                    minimum=0,
+                    minimum=-1,
                     maximum=MAX_SEED,
+                    info="-1: a new random seed each time",
                     elem_id="seed",
                     interactive=True,
                 )
                 randomize = gr.Button("Random seed", elem_id="randomize", size="sm")
                 steps = gr.Slider(
-                    1, MAX_STEPS, 20, step=1, label="Steps", elem_id="steps", interactive=True
+                    1, MAX_STEPS, DEFAULT_STEPS, step=1, label="Steps", elem_id="steps", interactive=True
                 )
                 cfg = gr.Slider(
                     1, 20, 7, step=0.5, label="CFG scale", elem_id="cfg", interactive=True
@@ -90,6 +98,10 @@ def generate_tab(folders: Folders, studio: Studio, base: gr.Dropdown) -> Adapter
                     value="euler_a",
                     label="Scheduler",
                     elem_id="scheduler",
+                    interactive=True,
+                )
+                clip_skip = gr.Slider(
+                    1, MAX_CLIP_SKIP, 1, step=1, label="Clip skip", elem_id="clip-skip",
                     interactive=True,
                 )
                 batch = gr.Slider(
@@ -115,7 +127,9 @@ def generate_tab(folders: Folders, studio: Studio, base: gr.Dropdown) -> Adapter
                 elem_id="command",
             )
 
-    settings_inputs = [base, prompt, negative, seed, steps, cfg, width, height, scheduler, batch]
+    settings_inputs = [
+        base, prompt, negative, seed, steps, cfg, width, height, scheduler, clip_skip, batch
+    ]
     refresh.click(picker.refresh, [box], picker.outputs)
     randomize.click(lambda: secrets.randbelow(MAX_SEED + 1), None, seed)
     gallery.select(_selected_caption, [captions], settings)
@@ -196,7 +210,7 @@ def _adapter_controls(name: str, words: list[str], prompt: gr.Textbox) -> list[g
 
 
 def _request(names: list[str], settings: tuple, mix: tuple) -> GenerationRequest:
-    base, prompt, negative, seed, steps, cfg, width, height, scheduler, batch = settings
+    base, prompt, negative, seed, steps, cfg, width, height, scheduler, clip_skip, batch = settings
     per_adapter = [
         mix[index : index + 1 + len(UNET_BLOCKS)]
         for index in range(0, len(mix), 1 + len(UNET_BLOCKS))
@@ -211,6 +225,7 @@ def _request(names: list[str], settings: tuple, mix: tuple) -> GenerationRequest
         width=int(width) or None,
         height=int(height) or None,
         scheduler=scheduler,
+        clip_skip=int(clip_skip),
         batch=int(batch),
         weights={name: float(values[0]) for name, values in zip(names, per_adapter)},
         block_weights={
