@@ -30,6 +30,9 @@ from sdlora.ui.studio import (
 )
 
 WEIGHT_RANGE = (-1.0, 2.0)
+# The multipliers under an adapter's slider: its text encoder(s), its UNet, then UNet blocks.
+COMPONENT_PARTS = {"te": ("text_encoder", "text_encoder_2"), "unet": ("unet",)}
+PARTS = (*COMPONENT_PARTS, *UNET_BLOCKS)
 WEIGHT_STEP = 0.05
 
 
@@ -193,7 +196,7 @@ def _adapter_controls(name: str, words: list[str], prompt: gr.Textbox) -> list[g
                     elem_id=element_id("add-words", name),
                 )
             add.click(lambda text: _with_words(text, words), prompt, prompt)
-        with gr.Accordion("Per-block weights", open=False, key=f"blocks-{name}"):
+        with gr.Accordion("Per-part weights", open=False, key=f"blocks-{name}"):
             blocks = [
                 gr.Slider(
                     *WEIGHT_RANGE,
@@ -204,7 +207,7 @@ def _adapter_controls(name: str, words: list[str], prompt: gr.Textbox) -> list[g
                     elem_id=element_id(block, name),
                     interactive=True,
                 )
-                for block in UNET_BLOCKS
+                for block in PARTS
             ]
     return [weight, *blocks]
 
@@ -212,8 +215,8 @@ def _adapter_controls(name: str, words: list[str], prompt: gr.Textbox) -> list[g
 def _request(names: list[str], settings: tuple, mix: tuple) -> GenerationRequest:
     base, prompt, negative, seed, steps, cfg, width, height, scheduler, clip_skip, batch = settings
     per_adapter = [
-        mix[index : index + 1 + len(UNET_BLOCKS)]
-        for index in range(0, len(mix), 1 + len(UNET_BLOCKS))
+        mix[index : index + 1 + len(PARTS)]
+        for index in range(0, len(mix), 1 + len(PARTS))
     ]
     return GenerationRequest(
         prompt=prompt or "",
@@ -231,8 +234,17 @@ def _request(names: list[str], settings: tuple, mix: tuple) -> GenerationRequest
         block_weights={
             name: {
                 block: float(value)
-                for block, value in zip(UNET_BLOCKS, values[1:])
+                for block, value in zip(PARTS, values[1:])
+                if block in UNET_BLOCKS and float(value) != 1.0
+            }
+            for name, values in zip(names, per_adapter)
+        },
+        component_weights={
+            name: {
+                component: float(value)
+                for part, value in zip(PARTS, values[1:])
                 if float(value) != 1.0
+                for component in COMPONENT_PARTS.get(part, ())
             }
             for name, values in zip(names, per_adapter)
         },
