@@ -61,7 +61,7 @@ def test_nested_brackets_multiply_as_in_a1111_doctest():
         ("[cat|dog]", r"alternation '\[cat\|dog\]' is not supported"),
         ("a cat AND a dog", r"AND \(composable diffusion\) is not supported"),
         ("x <hypernet:anime:1>", r"tag '<hypernet:anime:1>' is not supported"),
-        ("<lora:style:heavy>", r"weight 'heavy' in '<lora:style:heavy>' is not a number"),
+        ("<lora:style:heavy>", r"in '<lora:style:heavy>', the weight 'heavy' is not a number"),
         ("<lora:style:1:nan>", r"unet weight 'nan'"),
         ("<lora:style:1:1:8>", r"'<lora:style:1:1:8>': expected <lora:name>"),
         ("<lyco:style:dyn=8>", r"setting 'dyn' is not supported; expected <lyco:name>"),

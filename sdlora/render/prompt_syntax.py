@@ -174,7 +174,7 @@ def parse_lora_tag(tag: str, kind: str, arguments: str, where: str) -> tuple[str
         except ValueError:
             result = math.nan
         if not math.isfinite(result):
-            raise SdloraError(f"{where}: {what} {value.strip()!r} in {tag!r} is not a number")
+            raise SdloraError(f"{where}: in {tag!r}, the {what} {value.strip()!r} is not a number")
         return result
 
     text_encoder = number(positional[1], "weight") if len(positional) > 1 else 1.0
