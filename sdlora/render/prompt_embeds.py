@@ -48,6 +48,7 @@ class Chunk:
     weights: list[float] = field(default_factory=list)
 
 
+@torch.no_grad()  # rendering never back-propagates into the text encoders
 def encode_prompts(pipeline, prompt: str, negative: str, clip_skip: int = 1) -> dict:
     """Keyword arguments for the pipeline call: `prompt_embeds` and `negative_prompt_embeds`
     (1, 77 * chunks, width), and for SDXL `pooled_prompt_embeds` and
