@@ -44,11 +44,13 @@ def training_metadata(
     batch_size: int | None = None,
     seed: int | None = None,
     num_train_images: int | None = None,
+    clip_skip: int | None = None,
 ) -> dict[str, str]:
     """Metadata for a trained adapter: kohya `ss_*`, `modelspec.*` and `sdlora.*` keys, all strings.
 
     tag_frequency is kohya's {dataset folder: {caption tag: count}}; config is the whole training
-    config (stored as JSON so that a run can be reproduced from the adapter alone).
+    config (stored as JSON so that a run can be reproduced from the adapter alone); clip_skip is
+    A1111's count (1 = the last text-encoder layer), recorded as kohya's ss_clip_skip.
     """
     base_version = get_family(family).kohya_base_version
     if v_prediction and family != "sdxl":
@@ -86,6 +88,7 @@ def training_metadata(
         "ss_train_batch_size": batch_size,
         "ss_seed": seed,
         "ss_num_train_images": num_train_images,
+        "ss_clip_skip": clip_skip,
     }
     metadata.update({key: _number(value) for key, value in optional.items() if value is not None})
     return metadata
@@ -180,6 +183,7 @@ TRAINING_SETTINGS = (
     ("ss_optimizer", "optimizer"),
     ("ss_lr_scheduler", "lr scheduler"),
     ("ss_mixed_precision", "mixed precision"),
+    ("ss_clip_skip", "clip skip"),
     ("ss_seed", "seed"),
     ("ss_output_name", "output name"),
     ("ss_training_comment", "comment"),

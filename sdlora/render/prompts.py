@@ -8,9 +8,10 @@ complaint points at the line to fix:
             "height": 512, "steps": 20, "cfg": 6.5, "loras": {"oil": 0.5}}; only prompt required
     .csv    a header row naming the same fields; loras as "oil:0.5;ink:1"
 
-Fields a row leaves out take the command-line values. Prompts may carry AUTOMATIC1111 tags,
-`<lora:name>` or `<lora:name:weight>`, which are removed from the text and become adapter
-weights of that row.
+Fields a row leaves out take the command-line values. Prompts may carry AUTOMATIC1111 adapter
+tags (`<lora:name:w>`, `<lora:name:te:unet>`, `<lyco:...>`, see `prompt_syntax`), which are
+removed from the text and become adapter weights of that row; the rest of the prompt syntax is
+checked here too, so a mistake is reported with its line before any model loads.
 """
 
 from __future__ import annotations
@@ -18,13 +19,18 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlora.errors import SdloraError
+from sdlora.render.prompt_syntax import (
+    EXTRA_NETWORK_TAG,
+    LoraTag,
+    check_prompt_syntax,
+    parse_lora_tag,
+    strip_extra_network_tags,
+)
 
-LORA_TAG = re.compile(r"<lora:([^<>]*)>")
 ROW_FIELDS = ("prompt", "negative", "seed", "width", "height", "steps", "cfg", "loras")
 
 
@@ -39,6 +45,9 @@ class PromptRow:
     steps: int | None = None
     cfg: float | None = None
     loras: dict[str, float] = field(default_factory=dict)  # adapter name -> weight
+    # adapter name -> {component: weight} for tags that weight the text encoder and the UNet
+    # differently (<lora:name:te:unet>); such an adapter's weight in `loras` is 1.0
+    lora_components: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
@@ -63,31 +72,35 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
     return path, 1.0
 
 
-def strip_lora_tags(text: str, where: str) -> tuple[str, dict[str, float]]:
-    """Remove `<lora:name[:weight]>` tags from `text`; return the text and the weights."""
-    weights = {}
-    for match in LORA_TAG.finditer(text):
-        parts = match.group(1).split(":")
-        name = parts[0].strip()
-        if not name or len(parts) > 2:
-            raise SdloraError(
-                f"{where}: {match.group(0)!r} is not <lora:name> or <lora:name:weight>"
-            )
-        weights[name] = (
-            _number(parts[1], f"weight in {match.group(0)}", where) if len(parts) == 2 else 1.0
-        )
-    stripped = " ".join(LORA_TAG.sub(" ", text).split())
-    return stripped, weights
+def parse_lora_tags(text: str, where: str) -> tuple[str, dict[str, LoraTag]]:
+    """Take the adapter tags out of `text` and check its prompt syntax.
+
+    Returns the text without tags (whitespace runs collapsed) and {adapter name: LoraTag} for
+    `<lora:name>`, `<lora:name:w>`, `<lora:name:te:unet>`, `<lora:name:te=W:unet=W>` and the same
+    with `lyco`; a name tagged twice takes its last tag. Any syntax sdlora would not draw as
+    A1111 does is a SdloraError naming `where` (see `check_prompt_syntax`).
+    """
+    check_prompt_syntax(text, where)
+    tags = dict(
+        parse_lora_tag(match[0], match[1], match[2], where)
+        for match in EXTRA_NETWORK_TAG.finditer(text)
+    )
+    return strip_extra_network_tags(text), tags
 
 
 def prompt_row(
     text: str, negative: str | None = None, line: int = 1, where: str = "--prompt"
 ) -> PromptRow:
-    prompt, loras = strip_lora_tags(text, where)
+    row = PromptRow(line=line, prompt="", negative=negative)
+    row.prompt, tags = parse_lora_tags(text, where)
     if negative:
-        negative, negative_loras = strip_lora_tags(negative, where)
-        loras.update(negative_loras)
-    return PromptRow(line=line, prompt=prompt, negative=negative, loras=loras)
+        row.negative, negative_tags = parse_lora_tags(negative, where)
+        tags.update(negative_tags)
+    for name, tag in tags.items():
+        row.loras[name] = tag.weight
+        if tag.components is not None:
+            row.lora_components[name] = tag.components
+    return row
 
 
 def read_prompts(path: str | Path) -> list[PromptRow]:

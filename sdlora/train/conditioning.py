@@ -1,9 +1,12 @@
 """What the UNet is conditioned on, per family: text embeddings and SDXL's size/crop ids.
 
-SD 1.x/2.x: the last hidden state of one CLIP text encoder, (batch, 77, width).
+SD 1.x/2.x: the hidden state of one CLIP text encoder at the clip-skip layer (the last layer
+by default), (batch, 77, width).
 SDXL: the penultimate hidden states of both encoders concatenated, (batch, 77, w1 + w2), plus
 the pooled projection of the second, (batch, w2), and six "time ids" per image:
 original (h, w), crop top-left (top, left), target (h, w).
+Clip skip is counted as A1111 counts it (`sdlora.base.clip_skip`), and the renderer encodes
+prompts through the same function, so an adapter is drawn with the embeddings it learned.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from sdlora.base.clip_skip import encode_layer
 
 
 @dataclass
@@ -34,19 +39,16 @@ class TextEmbedding:
 
 
 def encode_text(captions: list[str], tokenizers: list, text_encoders: list[torch.nn.Module],
-                device: torch.device) -> TextEmbedding:
+                device: torch.device, clip_skip: int = 1) -> TextEmbedding:
     """Embed captions with one encoder (SD 1.x/2.x) or two (SDXL); keeps gradients."""
     hidden_states, pooled = [], None
     sdxl = len(text_encoders) == 2
     for tokenizer, encoder in zip(tokenizers, text_encoders):
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(device)
-        output = encoder(ids, output_hidden_states=sdxl)
-        if sdxl:
-            hidden_states.append(output.hidden_states[-2])
-            pooled = output[0]  # text_embeds of the projection model, last one wins
-        else:
-            hidden_states.append(output[0])
+        hidden, projected = encode_layer(encoder, ids, clip_skip, sdxl)
+        hidden_states.append(hidden)
+        pooled = projected if projected is not None else pooled  # SDXL: the second encoder's
     return TextEmbedding(torch.cat(hidden_states, dim=-1), pooled)
 
 

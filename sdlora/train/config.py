@@ -19,6 +19,7 @@ import yaml
 from sdlora.errors import SdloraError
 
 TARGET_PRESETS = ("attention", "transformer", "full")
+MAX_CLIP_SKIP = 12  # CLIP ViT-L's layers; a smaller test encoder is checked when the base loads
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                 "polynomial")
 
@@ -73,6 +74,7 @@ class TrainConfig:
     recompute_feed_forward: bool = True  # a third less activation memory, ~10% more step time
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
+    clip_skip: int = 1  # A1111's "Clip skip": 1 = last text-encoder layer, 2 = penultimate
     seed: int = 0
 
 
@@ -261,6 +263,11 @@ def validate(config: Config) -> None:
     _choice("train.lr_scheduler", train.lr_scheduler, LR_SCHEDULES)
     _choice("train.optimizer", train.optimizer, ("adamw", "adamw8bit"))
     _choice("train.mixed_precision", train.mixed_precision, ("no", "fp16", "bf16"))
+    if not 1 <= train.clip_skip <= MAX_CLIP_SKIP:
+        raise SdloraError(
+            f"train.clip_skip must be from 1 (the last text-encoder layer) to {MAX_CLIP_SKIP}, "
+            f"got {train.clip_skip}"
+        )
     if train.min_snr_gamma is not None and train.min_snr_gamma <= 0:
         raise SdloraError(f"train.min_snr_gamma must be positive, got {train.min_snr_gamma}")
     if config.validation.every < 0 or config.checkpoint.every < 0 or config.checkpoint.keep < 1:

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
+from sdlora.base.clip_skip import check_clip_skip
 from sdlora.base.models import load_base
 from sdlora.errors import SdloraError
 from sdlora.train import checkpoints
@@ -72,6 +73,7 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
     pipeline, family = base.pipeline, base.family
     unet, vae = pipeline.unet, pipeline.vae
     text_encoders, tokenizers = base.text_encoders, base.tokenizers
+    check_clip_skip(config.train.clip_skip, text_encoders, "train.clip_skip")
     freeze([unet, vae, *text_encoders], device)
     from diffusers import DDPMScheduler
 
@@ -108,7 +110,7 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
 
     # --- caches: the VAE encoder and a frozen text encoder leave the step ----------------------
     def embed(captions: list[str]):
-        return encode_text(captions, tokenizers, text_encoders, device)
+        return encode_text(captions, tokenizers, text_encoders, device, config.train.clip_skip)
 
     latents = None
     if config.data.cache_latents != "none":

@@ -128,6 +128,7 @@ class OutputWriter:
             learning_rate=config.train.learning_rate,
             batch_size=config.train.batch_size,
             seed=config.train.seed,
+            clip_skip=config.train.clip_skip,
             num_train_images=data.num_instance_images if data is not None else None,
         )
         try:
