@@ -103,7 +103,11 @@ def plan_render(args, random_seed: int = 0) -> RenderPlan:
     weights = {name: weights.get(name, 0.0) for name in adapter_files}
     plan = _jobs_and_grids(args, rows, weights, grids, adapter_files, random_seed)
     for job in plan.jobs:
-        job.request.lora_components = {name: comps for name, (comps, _) in parts.items() if comps}
+        # a prompt's <lora:name:te:unet> tag decides that adapter's components in its row
+        job.request.lora_components = {
+            **{name: comps for name, (comps, _) in parts.items() if comps},
+            **job.request.lora_components,
+        }
         job.request.lora_blocks = {name: blocks for name, (_, blocks) in parts.items() if blocks}
         for key in ("scheduler", "clip_skip", "lora_components", "lora_blocks"):
             if key in from_png:
@@ -246,4 +250,5 @@ def _request(args, row: PromptRow, seed: int, mix: dict[str, float]) -> ImageReq
         scheduler=args.scheduler,
         clip_skip=args.clip_skip,
         loras=mix,
+        lora_components=dict(row.lora_components),
     )

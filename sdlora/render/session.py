@@ -27,6 +27,7 @@ import sdlora
 from sdlora.errors import SdloraError
 from sdlora.render.defaults import DEFAULT_CFG, DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_CLIP_SKIP
 from sdlora.render.png import a1111_parameters, lora_hash, model_hash, write_png
+from sdlora.render.prompt_embeds import encode_prompts
 from sdlora.render.prompts import check_size
 from sdlora.render.schedulers import build_scheduler, get_sampler
 
@@ -195,9 +196,11 @@ class GenerationSession:
             self.pipeline.scheduler = build_scheduler(request.scheduler, self.scheduler_config)
             generator = torch.Generator("cpu").manual_seed(request.seed)
             with torch.inference_mode():
+                conditioning = encode_prompts(
+                    self.pipeline, request.prompt, request.negative, request.clip_skip
+                )
                 image = self.pipeline(
-                    prompt=request.prompt,
-                    negative_prompt=request.negative or None,
+                    **conditioning,
                     num_inference_steps=request.steps,
                     guidance_scale=request.cfg,
                     width=record["width"],

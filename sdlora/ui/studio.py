@@ -24,7 +24,7 @@ import torch
 from sdlora.errors import SdloraError
 from sdlora.mix.block_weights import format_block_spec
 from sdlora.render.defaults import DEFAULT_CFG, DEFAULT_SCHEDULER, DEFAULT_STEPS
-from sdlora.render.prompts import strip_lora_tags
+from sdlora.render.prompts import prompt_row
 from sdlora.render.session import GenerationSession, ImageRequest
 from sdlora.ui.folders import Folders
 
@@ -59,13 +59,13 @@ class GenerationRequest:
             raise SdloraError(f"width and height are limited to {MAX_SIZE}")
         if not 1 <= self.steps <= MAX_STEPS or not 1 <= self.batch <= MAX_BATCH:
             raise SdloraError(f"steps must be 1-{MAX_STEPS} and batch count 1-{MAX_BATCH}")
-        prompt, tagged = strip_lora_tags(self.prompt, "prompt")
-        negative, negative_tagged = strip_lora_tags(self.negative, "negative prompt")
-        loras = {**self.weights, **tagged, **negative_tagged}
+        row = prompt_row(self.prompt, self.negative, where="prompt")
+        loras = {**self.weights, **row.loras}
+        components = {**self.component_weights, **row.lora_components}
         requests = [
             ImageRequest(
-                prompt=prompt,
-                negative=negative,
+                prompt=row.prompt,
+                negative=row.negative or "",
                 seed=seed + index,
                 steps=self.steps,
                 cfg=self.cfg,
@@ -74,7 +74,7 @@ class GenerationRequest:
                 scheduler=self.scheduler,
                 clip_skip=self.clip_skip,
                 loras=loras,
-                lora_components={k: v for k, v in self.component_weights.items() if v},
+                lora_components={k: v for k, v in components.items() if v},
                 lora_blocks={k: v for k, v in self.block_weights.items() if v},
             )
             for index in range(self.batch)
