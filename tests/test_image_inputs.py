@@ -203,6 +203,14 @@ def test_init_output_size():
     assert init_output_size(photo, None, 600, 8) == (800, 600)
 
 
+def test_file_that_breaks_after_the_check_is_a_one_line_error(tmp_path):
+    path = save(tmp_path / "x.png")
+    [init], _ = read_init_images(path)
+    path.write_bytes(b"gone")
+    with pytest.raises(SdloraError, match=r"x\.png: unreadable"):
+        init.load()
+
+
 def test_init_image_records_its_source(tmp_path):
     path = save(tmp_path / "x.png")
     assert read_init_images(path)[0] == [InitImage("x", path, (40, 24))]

@@ -52,9 +52,15 @@ class InitImage:
     mask_path: Path | None = None
 
     def load(self) -> tuple[Image.Image, Image.Image | None]:
-        """The RGB image (upright) and its L-mode mask (white = repaint) or None."""
-        image = to_rgb(_open_upright(self.path))
-        mask = mask_from_image(_open_upright(self.mask_path)) if self.mask_path else None
+        """The RGB image (upright) and its L-mode mask (white = repaint) or None.
+
+        Raises `SdloraError` when a file became unreadable since it was checked (a long
+        batch outlives its inputs now and then)."""
+        try:
+            image = to_rgb(_open_upright(self.path))
+            mask = mask_from_image(_open_upright(self.mask_path)) if self.mask_path else None
+        except Exception as error:  # decoders fail in many ways; each one means "unusable"
+            raise SdloraError(f"init image {self.path}: unreadable ({_first_line(error)})") from None
         return image, mask
 
 
@@ -180,7 +186,7 @@ class _MaskSource:
         if found:
             names = ", ".join(path.name for path in found)
             return Refused(self.path, f"several masks for {stem!r} ({names}); keep one")
-        return Refused(self.path, f"no mask named {stem!r} (expected e.g. {stem}.png)")
+        return Refused(self.path, f"no mask named {stem!r} in {self.path} (expected e.g. {stem}.png)")
 
 
 def _read_folder(folder: Path, masks: _MaskSource | None) -> tuple[list[InitImage], list[Refused]]:
@@ -254,9 +260,13 @@ def _probe(path: Path) -> Size | Refused:
     except Image.UnidentifiedImageError:
         return Refused(path, "not an image (Pillow cannot identify it)")
     except Exception as error:  # decoders fail in many ways; each one means "unusable"
-        lines = str(error).strip().splitlines()
-        return Refused(path, f"unreadable ({lines[0] if lines else type(error).__name__})")
+        return Refused(path, f"unreadable ({_first_line(error)})")
     return (height, width) if orientation in _SIDEWAYS_ORIENTATIONS else (width, height)
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _open_upright(path: Path) -> Image.Image:
