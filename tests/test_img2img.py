@@ -198,3 +198,11 @@ def test_twin_is_rebuilt_when_the_base_gets_new_modules(sd1):
         assert variant(sd1, "img2img") is not twin
     finally:
         sd1.unet = unet
+
+
+def test_hires_pass_is_img2img_of_the_upscaled_picture_with_the_same_seed(sd1):
+    hires = generate(sd1, width=32, height=24, seed=3, hires=Hires(scale=2.0, strength=0.5))
+    first = generate(sd1, width=32, height=24, seed=3)
+    upscaled = first.resize((64, 48), Image.LANCZOS)
+    again = generate(sd1, init_image=upscaled, strength=0.5, seed=3)
+    assert np.array_equal(np.asarray(hires), np.asarray(again))
