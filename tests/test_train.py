@@ -375,14 +375,17 @@ def test_trained_adapter_loads_in_diffusers_with_every_key_used(family, tiny_sd1
 
 
 class FullDisk:
-    """A file on a disk that fills up after a few bytes."""
+    """A file on a disk that fills up after a few writes."""
 
     def __init__(self, stream):
         self.stream = stream
+        self.writes = 0
 
     def write(self, data):
-        self.stream.write(bytes(data)[:10])
-        raise OSError(errno.ENOSPC, "No space left on device")
+        self.writes += 1
+        if self.writes > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.stream.write(data)
 
     def flush(self):
         pass

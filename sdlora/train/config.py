@@ -336,4 +336,5 @@ def portable_dict(config: Config) -> dict:
 
 def portable_base(base: str) -> str:
     """A hub id as it is; a local model by its file or folder name."""
-    return Path(base).name if Path(base).exists() else base
+    path = Path(base)
+    return path.name if path.is_absolute() or path.exists() else base
