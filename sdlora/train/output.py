@@ -96,7 +96,7 @@ class OutputWriter:
         if not self.enabled:
             return
         if self._overwrite:
-            clear_previous_run(self.dir, self.config.output.name)
+            clear_previous_run(self.dir)
         text = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
         path = self.dir / f"{self.config.output.name}.config.yaml"
         atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))

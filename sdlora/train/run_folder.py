@@ -144,13 +144,13 @@ def refuse_previous_run(output_dir: Path, name: str) -> None:
                           "to replace it, or --resume latest to continue it")
 
 
-def clear_previous_run(output_dir: Path, name: str) -> None:
-    """What --overwrite replaces: the old adapter, its checkpoints, snapshots and grids, so that
-    nothing of the old run outranks or is mistaken for the new one's."""
+def clear_previous_run(output_dir: Path) -> None:
+    """What --overwrite removes when the new run starts: the old run's checkpoints, snapshots
+    and grids, so that none outranks or is mistaken for the new run's. The old adapter stays
+    until the new one replaces it (atomically), so a failed run loses nothing."""
     stale = [path for _, path in checkpoints.list_checkpoints(output_dir)]
     stale += [path for _, path in checkpoints.list_snapshots(output_dir)]
     stale += sorted((output_dir / "validation").glob("step-*.png"))
-    stale.append(output_dir / f"{name}.safetensors")
     for path in stale:
         path.unlink(missing_ok=True)
 
