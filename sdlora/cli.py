@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="latest|PATH",
                        help="continue from the latest checkpoint in output.dir, or from PATH")
     add_threads_argument(train)
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run (adapter, checkpoints) already in output.dir")
     train.set_defaults(handler=_train)
 
     render = commands.add_parser("render", help="render prompts with a weighted mix of adapters")

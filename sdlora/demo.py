@@ -167,7 +167,7 @@ def _run_demo(out: Path, samples: Path) -> DemoResult:
     for number, style in enumerate(STYLES, 1):
         tqdm.write(f"[{number}/{len(STYLES) + 1}] training the {style} style "
                    f"from {samples / style}")
-        adapters[style] = train(style_config(style, out, samples))
+        adapters[style] = train(style_config(style, out, samples), overwrite=True)  # a re-run redoes it
     tqdm.write(f"[{len(STYLES) + 1}/{len(STYLES) + 1}] rendering the grid")
     grid = render_grid(adapters, out / "demo-grid.png")
     return DemoResult(adapters=adapters, grid=grid, seconds=time.time() - started)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -372,21 +374,37 @@ def test_trained_adapter_loads_in_diffusers_with_every_key_used(family, tiny_sd1
     assert_diffusers_fuses_every_layer(pipeline, path, adapter, scale=0.8)
 
 
-def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tiny_sd1, tmp_path, monkeypatch):
-    import errno
+class FullDisk:
+    """A file on a disk that fills up after a few writes."""
 
+    def __init__(self, stream):
+        self.stream = stream
+        self.writes = 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.stream.write(data)
+
+    def flush(self):
+        pass
+
+
+def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tiny_sd1, tmp_path, monkeypatch,
+                                                                 capsys):
+    """torch.save reports the full disk as a RuntimeError about "unexpected pos": the trainer
+    still says "disk full" and where, in one line, and keeps the last good checkpoint."""
     import sdlora.train.checkpoints as checkpoints
 
     config = tiny_config(tiny_sd1, tmp_path, train={"steps": 4}, checkpoint={"every": 2},
                          output={"tensorboard": True})
     real_save = checkpoints.torch.save
 
-    def save_then_fill_disk(state, path):
-        if state["step"] == 2:
-            return real_save(state, path)
-        with open(path, "wb") as handle:
-            handle.write(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def save_then_fill_disk(state, stream):
+        if state["step"] != 2:
+            stream.stream = FullDisk(stream.stream)
+        return real_save(state, stream)  # torch wraps the failed write in its own RuntimeError
 
     monkeypatch.setattr(checkpoints.torch, "save", save_then_fill_disk)
     train(config)  # step 4 is the last step: no checkpoint, the adapter is written
@@ -394,8 +412,12 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tiny_sd1, tmp_p
 
     config = tiny_config(tiny_sd1, tmp_path / "again", train={"steps": 6},
                          checkpoint={"every": 2})
-    with pytest.raises(SdloraError, match="No space left.*last good checkpoint is .*step-000002.pt"):
-        train(config)
+    config_path = tmp_path / "again" / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config.to_dict()))
+    assert run_cli("train", str(config_path)) == 2
+    error = capsys.readouterr().err.split("\n")[-2]
+    assert re.fullmatch(r"sdlora train: error: disk full writing .*step-000004\.pt .*"
+                        r"the last good checkpoint is .*step-000002\.pt", error), error
     folder = tmp_path / "again" / "out" / "checkpoints"
     assert [p.name for p in folder.glob("step-*.pt")] == ["step-000002.pt"]
     assert not list(folder.glob(".*.tmp"))

@@ -1,8 +1,10 @@
 """Caches that take the VAE and a frozen text encoder out of the training step.
 
 Latents: each training image's VAE latent (the distribution's mean, scaled) is computed once,
-kept in memory or on disk under `{output.dir}/cache/latents`, keyed by the image file and the
-exact crop, so a resumed run or a second run on the same data reuses them.
+kept in memory or on disk under `{output.dir}/cache/latents`, keyed by what produced it (the
+image file, the exact crop and flip, the resolution, the VAE's weights and dtype), so a resumed
+run or a second run on the same data reuses them and a run with another VAE never does. An
+unreadable cache file (a truncated write) is recomputed.
 Text: while the text encoder is frozen, each distinct caption is encoded once.
 """
 
@@ -34,8 +36,10 @@ class LatentCache:
         self.latents: dict[int, torch.Tensor] = {}
         self.before_latents: dict[int, torch.Tensor] = {}
         self.vae, self.folder = vae, folder if mode == "disk" else None
+        self.resolution = dataset.resolution
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
+            self.vae_fingerprint = vae_fingerprint(vae)
         with torch.no_grad():
             for index in tqdm(range(len(dataset)), desc="caching latents", disable=not show_progress):
                 item = dataset.image(index)
@@ -46,9 +50,16 @@ class LatentCache:
         self.vae = None
 
     def _latent(self, pixels: torch.Tensor, source: str, item: dict) -> torch.Tensor:
-        path = self.folder / f"{_cache_key(source, item)}.safetensors" if self.folder else None
-        if path is not None and path.is_file():
-            return load_file(path)["latent"]
+        path = None
+        if self.folder is not None:
+            key = _cache_key(source, item, self.resolution, self.vae_fingerprint)
+            path = self.folder / f"{key}.safetensors"
+            if path.is_file():
+                try:
+                    return load_file(path)["latent"]
+                except Exception as error:  # noqa: BLE001 - a cache is rebuilt, never trusted
+                    tqdm.write(f"latent cache file {path} is unreadable "
+                               f"({type(error).__name__}); recomputing it")
         latent = encode_latents(self.vae, pixels[None])[0].cpu()
         if path is not None:
             atomic_write(path, lambda temp: save_file({"latent": latent}, temp))
@@ -61,14 +72,25 @@ class LatentCache:
         return torch.stack([self.before_latents[index] for index in indices])
 
 
-def _cache_key(source: str, item: dict) -> str:
-    """Identify a latent by its source file (path, size, mtime) and the exact crop taken."""
+def _cache_key(source: str, item: dict, resolution: int, vae: str) -> str:
+    """Identify a latent by its source file (path, size, mtime), the exact crop and flip, the
+    resolution and the VAE (weights and dtype) that encoded it."""
     path = Path(source)
     stat = path.stat()
     parts = [str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns),
              str(tuple(item["target_size"])), str(tuple(item["crop_top_left"])),
-             str(item.get("flipped", False))]
+             str(item.get("flipped", False)), str(resolution), vae]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def vae_fingerprint(vae) -> str:
+    """A hash of the VAE's weights, names, shapes and dtypes: two bases share cached latents
+    only when their VAEs are the same bytes (SD's VAE hashes in well under a second)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 class TextCache:

@@ -9,6 +9,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from sdlora.errors import SdloraError
+
 
 def read_caption_file(image_path: str | Path) -> str | None:
     """The caption in the same-stem .txt beside an image, whitespace collapsed to single spaces;
@@ -16,7 +18,10 @@ def read_caption_file(image_path: str | Path) -> str | None:
     caption_path = Path(image_path).with_suffix(".txt")
     if not caption_path.is_file():
         return None
-    text = " ".join(caption_path.read_text(encoding="utf-8-sig").split())
+    try:
+        text = " ".join(caption_path.read_text(encoding="utf-8-sig").split())
+    except UnicodeDecodeError:
+        raise SdloraError(f"caption file {caption_path} is not UTF-8 text; save it as UTF-8") from None
     return text or None
 
 

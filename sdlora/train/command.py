@@ -1,4 +1,4 @@
-"""`sdlora train CONFIG.yaml [--set key=value ...] [--resume latest|PATH]`."""
+"""`sdlora train CONFIG.yaml [--set key=value ...] [--resume latest|PATH] [--overwrite]`."""
 
 from __future__ import annotations
 
@@ -9,4 +9,4 @@ def train_command(args) -> None:
     from sdlora.train.loop import train
 
     config = load_config(args.config, overrides=args.set)
-    train(config, resume=args.resume)
+    train(config, resume=args.resume, overwrite=args.overwrite)

@@ -9,6 +9,8 @@ whose one line names the key and says what would be right.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -112,6 +114,9 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    # The folder of the YAML file this config came from (None when built in code); not a key:
+    # relative paths in the adapter's metadata are written relative to it.
+    source_dir: typing.ClassVar[Path | None] = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,6 +133,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise SdloraError(f"config file {path} not found")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise SdloraError(f"{path} is not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -138,6 +145,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         apply_override(raw, override)
     config = from_dict(raw)
     validate(config)
+    config.source_dir = path.resolve().parent
     return config
 
 
@@ -160,7 +168,12 @@ def apply_override(raw: dict, override: str) -> None:
         node = node.setdefault(section, {})
         if not isinstance(node, dict):
             raise SdloraError(f"--set {key}: {section} is not a section")
-    node[leaf] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[leaf] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise SdloraError(f"--set {key}: {value!r} is not a YAML value ({problem}); "
+                          "quote text, e.g. --set key='[not a list'") from None
 
 
 def _build(cls, raw: dict, prefix: str):
@@ -196,9 +209,9 @@ def _coerce(value, hint, key: str):
             if all(isinstance(item, str) for item in value):
                 return value
         elif option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(float(value), key)
         elif option is float and isinstance(value, str) and _is_number(value):
-            return float(value)  # YAML reads 1e-4 (no dot) as a string
+            return _finite(float(value), key)  # YAML reads 1e-4 (no dot) as a string
         elif option in (int, str, bool) and _is_exactly(value, option):
             return value
     names = " or ".join(
@@ -206,6 +219,13 @@ def _coerce(value, hint, key: str):
         for a in allowed if a is not type(None)
     )
     raise SdloraError(f"config key {key} must be {names}, got {value!r}")
+
+
+def _finite(value: float, key: str) -> float:
+    """nan passes every `<` check and 1e309 reads as inf: neither is a setting."""
+    if not math.isfinite(value):
+        raise SdloraError(f"config key {key} must be a finite number, got {value}")
+    return value
 
 
 def _is_exactly(value, option) -> bool:
@@ -268,6 +288,15 @@ def validate(config: Config) -> None:
             f"train.clip_skip must be from 1 (the last text-encoder layer) to {MAX_CLIP_SKIP}, "
             f"got {train.clip_skip}"
         )
+    if lora.text_encoder_lr is not None and lora.text_encoder_lr <= 0:
+        raise SdloraError(f"lora.text_encoder_lr must be positive, got {lora.text_encoder_lr}")
+    for key, value in (("data.prior_loss_weight", data.prior_loss_weight),
+                       ("train.weight_decay", train.weight_decay),
+                       ("train.max_grad_norm", train.max_grad_norm),
+                       ("train.noise_offset", train.noise_offset),
+                       ("validation.guidance", config.validation.guidance)):
+        if value < 0:
+            raise SdloraError(f"{key} must be 0 or more, got {value}")
     if train.min_snr_gamma is not None and train.min_snr_gamma <= 0:
         raise SdloraError(f"train.min_snr_gamma must be positive, got {train.min_snr_gamma}")
     if config.validation.every < 0 or config.checkpoint.every < 0 or config.checkpoint.keep < 1:
@@ -276,5 +305,43 @@ def validate(config: Config) -> None:
         raise SdloraError("validation.every is set but validation.prompts is empty")
     _choice("output.format", config.output.format, ("kohya", "diffusers"))
     _choice("output.dtype", config.output.dtype, ("fp16", "bf16", "fp32"))
-    if not config.output.name or "/" in config.output.name:
-        raise SdloraError(f"output.name must be a plain file name, got {config.output.name!r}")
+    for section, key in (*PATH_KEYS, ("", "base")):
+        value = getattr(getattr(config, section), key) if section else config.base
+        if value and "\0" in value:
+            raise SdloraError(f"{section + '.' if section else ''}{key} contains a NUL byte")
+    name = config.output.name
+    if not name or name in (".", "..") or any(c in name for c in ("/", "\\", os.sep, "\0")):
+        raise SdloraError(f"output.name must be a plain file name (no / \\ or NUL), got {name!r}")
+
+
+# Keys whose value is a local path: the adapter's metadata records them portably.
+PATH_KEYS = (("data", "instance_dir"), ("data", "before_dir"), ("data", "class_dir"),
+             ("output", "dir"))
+
+
+def portable_path(value: str, anchor: Path) -> str:
+    """`value` relative to `anchor` when inside it, else only its last part: a shared adapter
+    must not tell its readers how the trainer's disk (or home folder) is laid out."""
+    resolved = Path(value).resolve()  # a relative path is used from the working folder
+    try:
+        return resolved.relative_to(anchor.resolve()).as_posix() or "."
+    except ValueError:
+        return resolved.name or value
+
+
+def portable_dict(config: Config) -> dict:
+    """`to_dict`, with local paths relative to the config file's folder (or the working folder
+    for a config built in code); a base that is a local file or folder keeps only its name."""
+    anchor = config.source_dir or Path.cwd()
+    raw = config.to_dict()
+    for section, key in PATH_KEYS:
+        if raw[section][key]:
+            raw[section][key] = portable_path(raw[section][key], anchor)
+    raw["base"] = portable_base(config.base)
+    return raw
+
+
+def portable_base(base: str) -> str:
+    """A hub id as it is; a local model by its file or folder name."""
+    path = Path(base)
+    return path.name if path.is_absolute() or path.exists() else base

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from contextlib import closing
 from functools import partial
 from pathlib import Path
 
@@ -33,7 +34,6 @@ from sdlora.train.conditioning import encode_text, unet_conditioning
 from sdlora.train.config import Config
 from sdlora.train.cpu_tuning import tuned_for_cpu
 from sdlora.train.data import TrainingData
-from sdlora.train.dataset import IMAGE_SUFFIXES
 from sdlora.train.lora import (
     TEXT_ATTENTION,
     TEXT_ATTENTION_AND_MLP,
@@ -45,30 +45,62 @@ from sdlora.train.lora import (
     parameter_groups,
 )
 from sdlora.train.output import OutputWriter
+from sdlora.train.preflight import check_before_loading, optimizer_class
 from sdlora.train.recompute import recompute_feed_forwards
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def train(config: Config, resume: str | None = None, on_step=None) -> Path:
+def train(config: Config, resume: str | None = None, on_step=None,
+          overwrite: bool = False) -> Path:
     """Train the adapter that `config` describes; returns the adapter file's path.
 
     `on_step(step, loss)`, when given, is called after each optimizer step (a benchmark times
     it, the web UI shows it); raising KeyboardInterrupt from it stops the run like Ctrl-C:
     a checkpoint is saved, then the KeyboardInterrupt propagates.
+    A folder holding another run is refused unless `overwrite` (replace it) or `resume`.
     """
+    if overwrite and resume:
+        raise SdloraError("--overwrite starts a new run and --resume continues one: pass one of them")
     # A process may train several times (the web UI does); each run chooses its own precision.
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision,
                               cpu=launched_on_cpus())
+    with claim_output(config, accelerator, overwrite, resume is not None) as output:
+        return _train(config, accelerator, output, resume, on_step)
+
+
+def claim_output(config: Config, accelerator: Accelerator, overwrite: bool,
+                 resuming: bool) -> OutputWriter:
+    """The main process claims output.dir (writable, locked, no other run's files unless
+    replacing is allowed); with several processes its verdict is shared, so that all stop
+    together instead of the others waiting for it forever."""
+    output, refusal = None, None
+    try:
+        output = OutputWriter(config, enabled=accelerator.is_main_process, overwrite=overwrite,
+                              resuming=resuming)
+    except SdloraError as error:
+        refusal = str(error)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        if output is not None:
+            output.close()
+        raise SdloraError(refusal)
+    return output
+
+
+def _train(config: Config, accelerator: Accelerator, output: OutputWriter, resume: str | None,
+           on_step) -> Path:
     main = accelerator.is_main_process
-    output = OutputWriter(config, enabled=main)  # checks the folder is writable before anything
     device = accelerator.device
     weight_dtype = WEIGHT_DTYPES[config.train.mixed_precision]
 
-    # --- the base model and its frozen parts -------------------------------------------------
-    resume_path = checkpoints.resolve_resume(config.output.dir, resume) if resume else None
-    check_image_folder(config.data.instance_dir)  # before minutes of model loading
+    # --- everything checkable without the model, then the base and its frozen parts ---------
+    resumed = checkpoints.load_for_resume(config, resume) if resume else None
+    check_before_loading(config)
     base = load_base(config.base, torch_dtype=weight_dtype)
     pipeline, family = base.pipeline, base.family
     unet, vae = pipeline.unet, pipeline.vae
@@ -139,8 +171,8 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
                                 num_warmup_steps=config.train.lr_warmup_steps,
                                 num_training_steps=config.train.steps)
     start_step = 0
-    if resume_path:
-        start_step = load_training_state(resume_path, trained, optimizer, lr_schedule)
+    if resumed:
+        start_step = load_training_state(*resumed, trained, optimizer, lr_schedule)
     prepared = accelerator.prepare(*trained.values(), optimizer)
     models = dict(zip(trained, prepared[:-1]))
     optimizer = prepared[-1]
@@ -229,17 +261,18 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
                     loss = loss + config.data.prior_loss_weight * micro_batch_loss(
                         indices, epoch, generator, strength)
                 if not torch.isfinite(loss):
-                    raise SdloraError(non_finite_message(loss, step, config.output.dir))
+                    raise SdloraError(non_finite_message(loss, step, output))
                 accelerator.backward(loss / accumulation)
         return loss
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    output.start(resumed[1]["run"]["id"] if resumed else checkpoints.new_run_id())
     progress = tqdm(total=config.train.steps, initial=start_step, desc=f"training {config.output.name}",
                     disable=not main, dynamic_ncols=True)
     step = start_step
     for model in models.values():
         model.train()
-    with tuned_for_cpu(device):
+    with tuned_for_cpu(device), closing(progress):  # closed before any error is printed
         try:
             while step < config.train.steps:
                 loss = accumulate_gradients(step)
@@ -269,7 +302,6 @@ def train(config: Config, resume: str | None = None, on_step=None) -> Path:
             output.checkpoint(step, training_state, current_adapter)
             output.say(f"interrupted at step {step}; checkpoint saved, continue with --resume latest")
             raise
-    progress.close()
     accelerator.wait_for_everyone()
     path = output.final_adapter(current_adapter(), data, step)
     accelerator.end_training()
@@ -288,25 +320,9 @@ def launched_on_cpus() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def check_image_folder(folder: str) -> None:
-    """Fail fast on a missing or image-less folder; unreadable files are found by the dataset."""
-    path = Path(folder)
-    if not path.is_dir():
-        raise SdloraError(f"data.instance_dir {folder} does not exist or is not a folder")
-    if not any(child.suffix.lower() in IMAGE_SUFFIXES for child in path.iterdir()):
-        raise SdloraError(f"no usable images in {folder} (expected {', '.join(IMAGE_SUFFIXES)} files)")
-
-
 def make_optimizer(config: Config, groups: list[dict]) -> torch.optim.Optimizer:
-    kwargs = {"lr": config.train.learning_rate, "weight_decay": config.train.weight_decay}
-    if config.train.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise SdloraError("train.optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes, "
-                              "or use adamw") from None
-        return bitsandbytes.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    return optimizer_class(config)(groups, lr=config.train.learning_rate,
+                                   weight_decay=config.train.weight_decay)
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float,
@@ -319,8 +335,7 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float,
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
-def load_training_state(path: Path, trained: dict, optimizer, lr_schedule) -> int:
-    state = checkpoints.load_checkpoint(path)
+def load_training_state(path: Path, state: dict, trained: dict, optimizer, lr_schedule) -> int:
     for name, model in trained.items():
         saved = state["lora"].get(name)
         if saved is None:
@@ -337,9 +352,8 @@ def load_training_state(path: Path, trained: dict, optimizer, lr_schedule) -> in
     return int(state["step"])
 
 
-def non_finite_message(loss: torch.Tensor, step: int, output_dir: str) -> str:
-    found = checkpoints.list_checkpoints(output_dir)
-    kept = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was written yet"
+def non_finite_message(loss: torch.Tensor, step: int, output: OutputWriter) -> str:
+    kept = checkpoints.last_good_description(output.dir, output.dtype)
     value = "nan" if math.isnan(loss.item()) else "inf"
     return (f"loss became {value} at step {step + 1}; training stopped and {kept}. "
             "Lower train.learning_rate or use train.mixed_precision: bf16 instead of fp16")

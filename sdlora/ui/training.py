@@ -105,7 +105,8 @@ class TrainingJob:
         from sdlora.train.loop import train
 
         try:
-            trained = train(self.config, on_step=self._on_step)
+            # Training a name again is the user asking for a new adapter of that name.
+            trained = train(self.config, on_step=self._on_step, overwrite=True)
             self.adapter_path = self.adapters_dir / trained.name
             atomic_write(self.adapter_path, lambda temp: shutil.copyfile(trained, temp))
             self.state = "finished"
