@@ -121,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--clip-skip", type=int, default=1, metavar="N",
                         help="A1111's clip skip: 1 uses the text encoder's last layer, 2 the "
                         "one before (default: %(default)s)")
+    render.add_argument("--init-image", metavar="PATH|DIR",
+                        help="img2img: a picture, or a folder of them, to repaint in the mix's "
+                        "style; each output is named after its input")
+    render.add_argument("--strength", type=float, metavar="S",
+                        help="img2img denoising strength, 0 keeps the picture, 1 repaints it "
+                        "(default 0.75)")
+    render.add_argument("--mask", metavar="PATH|DIR",
+                        help="inpainting: white is repainted; a folder pairs masks with the "
+                        "init images by file name")
+    render.add_argument("--hires-scale", type=float, metavar="F",
+                        help="hires fix: upscale the picture F times, then repaint it")
+    render.add_argument("--hires-strength", type=float, metavar="S",
+                        help="hires fix denoising strength (default 0.7)")
     render.add_argument("--batch", type=int, default=1, help="images per prompt")
     render.add_argument("--grid", metavar="NAME=w1,w2,...", action="append", default=[],
                         help="render a labelled grid over an adapter's weights")

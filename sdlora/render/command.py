@@ -53,10 +53,10 @@ def render_command(args) -> None:
     shard = plan.jobs[state.process_index :: state.num_processes]
     written = 0
     for job in _progress(shard, state):
-        record = session.record(job.request, **job.place)
+        record = session.record(job.request, job.init, **job.place)
         path, exists = find_or_free(out, job.name, record)
         if not exists:
-            session.generate(job.request, **job.place).write(path)
+            session.generate(job.request, job.init, **job.place).write(path)
             written += 1
     where = (
         f" (process {state.process_index + 1}/{state.num_processes})"
@@ -70,6 +70,13 @@ def render_command(args) -> None:
     if state.is_main_process:
         for grid in plan.grids:
             write_grid(grid, out, session)
+    if plan.refused:
+        for refused in plan.refused:
+            print(f"skipped {refused}", file=sys.stderr)
+        raise SdloraError(
+            f"{len(plan.refused)} input file(s) could not be used (listed above); "
+            "the others were rendered"
+        )
 
 
 def ensure_writable(out: Path) -> None:
@@ -90,7 +97,8 @@ def write_grid(grid, out: Path, session) -> None:
     from PIL import Image
 
     cell_paths = [
-        [find_or_free(out, job.name, session.record(job.request, **job.place))[0] for job in row]
+        [find_or_free(out, job.name, session.record(job.request, job.init, **job.place))[0]
+         for job in row]
         for row in grid.cells
     ]
     record = grid_record(cell_paths, grid.row_labels, grid.column_labels)

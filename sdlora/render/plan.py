@@ -27,6 +27,14 @@ from pathlib import Path
 
 from sdlora.errors import SdloraError
 from sdlora.mix.block_weights import parse_block_spec
+from sdlora.render.init_images import (
+    DEFAULT_HIRES_STRENGTH,
+    DEFAULT_STRENGTH,
+    InitImage,
+    Refused,
+    check_image_options,
+    read_init_images,
+)
 from sdlora.render.png_settings import settings_from_png
 from sdlora.render.prompts import PromptRow, check_size, parse_lora_spec, prompt_row, read_prompts
 from sdlora.render.session import ImageRequest
@@ -39,11 +47,13 @@ class Job:
     row_index: int
     batch_index: int
     label: str  # the grid's row label
+    init: InitImage | None = None  # img2img / inpainting input
+    stem: str | None = None  # set for img2img: the input's name
 
     @property
     def name(self) -> str:
         """The file's stem; a file of other settings there makes it `{name}-2`, ..."""
-        return f"{self.index:05d}-{self.request.seed}"
+        return self.stem or f"{self.index:05d}-{self.request.seed}"
 
     @property
     def place(self) -> dict[str, int]:
@@ -63,6 +73,7 @@ class RenderPlan:
     adapter_files: dict[str, Path]  # adapter name -> file
     jobs: list[Job]
     grids: list[Grid] = field(default_factory=list)
+    refused: list[Refused] = field(default_factory=list)  # unusable files of an input folder
 
 
 def plan_render(args, random_seed: int = 0) -> RenderPlan:
@@ -83,10 +94,18 @@ def plan_render(args, random_seed: int = 0) -> RenderPlan:
             if name not in adapter_files and not args.adapters_dir and path.is_file():
                 adapter_files[name] = path
         rows = [_png_row(from_png, args.prompts)]
+        for key in ("init_image", "mask", "strength", "hires_scale", "hires_strength"):
+            if getattr(args, key) is None and from_png.get(key) is not None:
+                setattr(args, key, from_png[key])
     elif args.prompts:
         rows = read_prompts(args.prompts)
     else:
         rows = [prompt_row(args.prompt, args.negative or None)]
+    check_image_options(init_image=args.init_image, mask=args.mask, strength=args.strength,
+                        hires_scale=args.hires_scale, hires_strength=args.hires_strength)
+    inits, refused = (
+        read_init_images(args.init_image, args.mask) if args.init_image else ([None], [])
+    )
     grids = [_parse_grid(spec) for spec in args.grid]
     if len(grids) > 2:
         raise SdloraError("at most two --grid options (columns, then rows)")
@@ -101,7 +120,8 @@ def plan_render(args, random_seed: int = 0) -> RenderPlan:
         resolver.resolve(name, "--grid")
     parts = _block_weights(args.block_weights, resolver)
     weights = {name: weights.get(name, 0.0) for name in adapter_files}
-    plan = _jobs_and_grids(args, rows, weights, grids, adapter_files, random_seed)
+    plan = _jobs_and_grids(args, inits, rows, weights, grids, adapter_files, random_seed)
+    plan.refused = refused
     for job in plan.jobs:
         # a prompt's <lora:name:te:unet> tag decides that adapter's components in its row
         job.request.lora_components = {
@@ -192,11 +212,13 @@ def _parse_grid(spec: str) -> tuple[str, list[float]]:
     return name.strip(), weights
 
 
-def _jobs_and_grids(args, rows, weights, grids, adapter_files, random_seed) -> RenderPlan:
+def _jobs_and_grids(args, inits, rows, weights, grids, adapter_files, random_seed) -> RenderPlan:
     """One job per image; with --grid, one job per grid cell and the grids that show them.
 
     One --grid gives one grid: a row per prompt image, a column per weight. Two give one grid
     per prompt image: columns over the first adapter's weights, rows over the second's.
+    With init images, every input gets the jobs a prompt-only run would have (the same
+    seeds), named after the input.
     """
     x_name, x_weights = grids[0] if grids else (None, [None])
     y_name, y_weights = grids[1] if len(grids) == 2 else (None, [None])
@@ -204,20 +226,21 @@ def _jobs_and_grids(args, rows, weights, grids, adapter_files, random_seed) -> R
     result = RenderPlan(adapter_files=adapter_files, jobs=jobs)
     column_labels = [f"{x_name}={x:g}" for x in x_weights] if x_name else []
     shared = Grid(f"grid-{x_name}.png", [], column_labels, [])
-    for row_index, row in enumerate(rows):
+    for init, row_index, row in ((i, r, row) for i in inits for r, row in enumerate(rows)):
         row_seed = row.seed if row.seed is not None else args.seed + row_index * args.batch
         if row_seed == -1:
             row_seed = (random_seed + row_index * args.batch) % 2**32
         for batch_index in range(args.batch):
             label = row.prompt if args.batch == 1 else f"{row.prompt} (#{batch_index + 1})"
+            label = f"{init.name}: {label}" if init else label
             cells = []
             for y in y_weights:
                 cells.append([])
                 for x in x_weights:
                     mix = {**weights, **row.loras}
                     mix.update({name: w for name, w in ((x_name, x), (y_name, y)) if name})
-                    request = _request(args, row, row_seed + batch_index, mix)
-                    job = Job(len(jobs), request, row_index, batch_index, label)
+                    request = _request(args, row, row_seed + batch_index, mix, init)
+                    job = Job(len(jobs), request, row_index, batch_index, label, init)
                     jobs.append(job)
                     cells[-1].append(job)
             if y_name:
@@ -234,11 +257,26 @@ def _jobs_and_grids(args, rows, weights, grids, adapter_files, random_seed) -> R
                 shared.row_labels.append(label)
     if x_name and not y_name:
         result.grids.append(shared)
+    _name_after_inputs(jobs)
     return result
 
 
-def _request(args, row: PromptRow, seed: int, mix: dict[str, float]) -> ImageRequest:
+def _name_after_inputs(jobs: list[Job]) -> None:
+    """An input's only picture is named like the input; several are numbered after it."""
+    by_input: dict[str, list[Job]] = {}
+    for job in jobs:
+        if job.init is not None:
+            by_input.setdefault(job.init.name, []).append(job)
+    for name, group in by_input.items():
+        for number, job in enumerate(group, start=1):
+            job.stem = name if len(group) == 1 else f"{name}-{number:03d}"
+
+
+def _request(args, row: PromptRow, seed: int, mix: dict[str, float], init) -> ImageRequest:
     """One image's settings: the row's own values, else the command line's."""
+    hires_strength = args.hires_strength
+    if args.hires_scale is not None and hires_strength is None:
+        hires_strength = DEFAULT_HIRES_STRENGTH
     return ImageRequest(
         prompt=row.prompt,
         negative=row.negative if row.negative is not None else args.negative,
@@ -251,4 +289,9 @@ def _request(args, row: PromptRow, seed: int, mix: dict[str, float]) -> ImageReq
         clip_skip=args.clip_skip,
         loras=mix,
         lora_components=dict(row.lora_components),
+        init_image=str(init.path) if init else None,
+        mask=str(init.mask_path) if init and init.mask_path else None,
+        strength=(DEFAULT_STRENGTH if args.strength is None else args.strength) if init else None,
+        hires_scale=args.hires_scale,
+        hires_strength=hires_strength,
     )

@@ -28,6 +28,7 @@ from sdlora.base.models import resolve_base_source
 from sdlora.errors import SdloraError
 from sdlora.files import atomic_write
 from sdlora.mix.block_weights import format_block_spec
+from sdlora.render.pipelines import MASK_BLUR
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -56,7 +57,11 @@ def a1111_parameters(record: dict, sampler, model_name: str) -> str:
         "Size": f"{record['width']}x{record['height']}",
         "Model hash": record["model_hash"],
         "Model": model_name,
+        "Denoising strength": _number(record["strength"] or record["hires_strength"]),
+        "Mask blur": MASK_BLUR if record["mask"] else None,
         "Clip skip": record["clip_skip"] if record["clip_skip"] != 1 else None,
+        "Hires upscale": _number(record["hires_scale"]),
+        "Hires upscaler": "Lanczos" if record["hires_scale"] else None,
         "Lora block weights": blocks or None,
         "Lora hashes": ", ".join(
             f"{_alias(name)}: {record['lora_files'][name]['hash']}" for name in loras
@@ -69,6 +74,10 @@ def a1111_parameters(record: dict, sampler, model_name: str) -> str:
     )
     negative = f"\nNegative prompt: {record['negative']}" if record["negative"] else ""
     return f"{record['prompt']}{tags}{negative}\n{line}"
+
+
+def _number(value: float | None) -> str | None:
+    return None if value is None else f"{value:g}"
 
 
 def _lora_tag(name: str, weight: float, components: dict[str, float]) -> str:
@@ -158,9 +167,9 @@ def model_hash(source: str) -> str | None:
         if path is None:
             return None
     if path.is_file():
-        return _cached_sha256(path)[:10]
+        return file_sha256(path)[:10]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    lines = "".join(f"{p.relative_to(path).as_posix()} {_cached_sha256(p)}\n" for p in files)
+    lines = "".join(f"{p.relative_to(path).as_posix()} {file_sha256(p)}\n" for p in files)
     return hashlib.sha256(lines.encode()).hexdigest()[:10]
 
 
@@ -178,7 +187,7 @@ def _cache_file() -> Path:
     return Path(root) / "sdlora" / "sha256.json"
 
 
-def _cached_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     """sha256 of a file, remembered by (path, size, mtime): checkpoints are gigabytes."""
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"

@@ -18,7 +18,7 @@ from sdlora.render.schedulers import SAMPLERS
 
 REQUEST_FIELDS = (
     "prompt", "negative", "seed", "steps", "cfg", "width", "height", "scheduler", "clip_skip",
-    "loras", "lora_components", "lora_blocks",
+    "loras", "lora_components", "lora_blocks", "strength", "hires_scale", "hires_strength",
 )
 
 
@@ -35,6 +35,9 @@ def settings_from_png(path: str | Path) -> tuple[dict, dict[str, Path]]:
             record = json.loads(texts["sdlora"])
             fields = {key: record[key] for key in REQUEST_FIELDS if key in record}
             files = {name: Path(entry["path"]) for name, entry in record.get("lora_files", {}).items()}
+            for key in ("init_image", "mask"):  # the input files, where they were
+                if record.get(key):
+                    fields[key] = record[key]["path"]
         except (ValueError, TypeError, KeyError, AttributeError):
             raise SdloraError(f"{path}: its sdlora settings are damaged") from None
         return fields, files
@@ -51,6 +54,9 @@ def _from_infotext(text: str, where: str) -> dict:
                                 ("CFG scale", "cfg", float), ("Clip skip", "clip_skip", int)):
             if key in fields:
                 settings[name] = kind(fields[key])
+        if "Hires upscale" in fields:
+            settings["hires_scale"] = float(fields["Hires upscale"])
+            settings["hires_strength"] = float(fields.get("Denoising strength", 0.7))
         if "Size" in fields:
             width, height = fields["Size"].split("x")
             settings["width"], settings["height"] = int(width), int(height)

@@ -26,7 +26,9 @@ import torch
 import sdlora
 from sdlora.errors import SdloraError
 from sdlora.render.defaults import DEFAULT_CFG, DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_CLIP_SKIP
-from sdlora.render.png import a1111_parameters, lora_hash, model_hash, write_png
+from sdlora.render.init_images import InitImage, check_image_options, init_output_size
+from sdlora.render.pipelines import Hires, generate_image
+from sdlora.render.png import a1111_parameters, file_sha256, lora_hash, model_hash, write_png
 from sdlora.render.prompt_embeds import encode_prompts
 from sdlora.render.prompts import check_size
 from sdlora.render.schedulers import build_scheduler, get_sampler
@@ -53,6 +55,11 @@ class ImageRequest:
     loras: dict[str, float] = field(default_factory=dict)
     lora_components: dict[str, dict[str, float]] = field(default_factory=dict)
     lora_blocks: dict[str, dict[str, float]] = field(default_factory=dict)
+    init_image: str | None = None  # img2img: the input picture's file
+    mask: str | None = None  # inpainting: white = repaint
+    strength: float | None = None  # img2img's denoising strength
+    hires_scale: float | None = None  # hires fix: upscale factor of the txt2img picture
+    hires_strength: float | None = None
 
     def check(self) -> None:
         """Refuse a request that cannot give the picture asked for, before anything loads."""
@@ -69,6 +76,8 @@ class ImageRequest:
         for name, weight in self.loras.items():
             if not math.isfinite(weight):
                 raise SdloraError(f"weight of {name!r} must be a finite number, not {weight}")
+        check_image_options(init_image=self.init_image, mask=self.mask, strength=self.strength,
+                            hires_scale=self.hires_scale, hires_strength=self.hires_strength)
 
     @property
     def active_loras(self) -> dict[str, float]:
@@ -85,6 +94,11 @@ class RenderedImage:
         write_png(self.image, path, self.record, self.infotext)
 
 
+def _file_entry(path: str | None) -> dict | None:
+    """An input file as recorded: where it was and what it held (sha256)."""
+    return {"path": path, "hash": file_sha256(Path(path))[:16]} if path else None
+
+
 def same_picture(recorded: dict | None, record: dict) -> bool:
     """Whether a file's recorded settings ask for the same picture as `record` (its place in a
     run and the sdlora version aside): only then may a run re-use the file."""
@@ -94,6 +108,9 @@ def same_picture(recorded: dict | None, record: dict) -> bool:
 def _decisive(record: dict) -> dict:
     """A record without its place in a run, its adapters named by content (hash), not path."""
     decisive = {key: value for key, value in record.items() if key not in _PLACE_KEYS}
+    for key in ("init_image", "mask"):
+        if isinstance(decisive.get(key), dict):
+            decisive[key] = decisive[key].get("hash")
     if isinstance(decisive.get("lora_files"), dict):
         decisive["lora_files"] = {
             name: entry.get("hash") if isinstance(entry, dict) else entry
@@ -154,13 +171,20 @@ class GenerationSession:
 
     # -- one picture -------------------------------------------------------------------------
 
-    def record(self, request: ImageRequest, **place) -> dict:
+    def record(self, request: ImageRequest, init: InitImage | None = None, **place) -> dict:
         """The `sdlora` PNG chunk for `request`: defaults filled in, files named with hashes.
-        `place` adds where the picture sits in a run (index, prompt_index, batch_index)."""
+        `init` is the request's init image, already checked; `place` adds where the picture
+        sits in a run (index, prompt_index, batch_index)."""
         missing = sorted(set(request.active_loras) - set(self.adapter_files))
         if missing:
             raise SdloraError(f"adapter {missing[0]!r} is not loaded in this session")
         size = self.base.native_size
+        if init is not None:
+            width, height = init_output_size(
+                init.size, request.width, request.height, self.pipeline.vae_scale_factor
+            )
+        else:
+            width, height = request.width or size, request.height or size
         loras = request.active_loras
         record = {
             "version": sdlora.__version__,
@@ -168,8 +192,10 @@ class GenerationSession:
             "model_hash": self.model_hash,
             "family": self.base.family.name,
             **asdict(request),
-            "width": request.width or size,
-            "height": request.height or size,
+            "width": width,
+            "height": height,
+            "init_image": _file_entry(request.init_image),
+            "mask": _file_entry(request.mask),
             "loras": loras,
             "lora_components": {
                 name: parts for name, parts in request.lora_components.items()
@@ -187,11 +213,14 @@ class GenerationSession:
         }
         return record
 
-    def generate(self, request: ImageRequest, **place) -> RenderedImage:
+    def generate(
+        self, request: ImageRequest, init: InitImage | None = None, **place
+    ) -> RenderedImage:
         """Draw `request` (see the module docstring); the lock is held throughout."""
         request.check()
+        image, mask = init.load() if init is not None else (None, None)
         with self.lock:
-            record = self.record(request, **place)
+            record = self.record(request, init, **place)
             self._apply_mix(request)
             self.pipeline.scheduler = build_scheduler(request.scheduler, self.scheduler_config)
             generator = torch.Generator("cpu").manual_seed(request.seed)
@@ -199,14 +228,22 @@ class GenerationSession:
                 conditioning = encode_prompts(
                     self.pipeline, request.prompt, request.negative, request.clip_skip
                 )
-                image = self.pipeline(
-                    **conditioning,
-                    num_inference_steps=request.steps,
-                    guidance_scale=request.cfg,
+                hires = None
+                if request.hires_scale:
+                    hires = Hires(request.hires_scale, request.hires_strength)
+                image = generate_image(
+                    self.pipeline,
+                    conditioning=conditioning,
+                    steps=request.steps,
+                    cfg=request.cfg,
                     width=record["width"],
                     height=record["height"],
                     generator=generator,
-                ).images[0]
+                    init_image=image,
+                    mask=mask,
+                    strength=request.strength,
+                    hires=hires,
+                )
         infotext = a1111_parameters(record, get_sampler(request.scheduler), self.model_name)
         return RenderedImage(image, record, infotext)
 
