@@ -226,7 +226,7 @@ def test_validation_names_families_and_counts_unmatched(sd1):
         mixer.add(adapter)
     with pytest.raises(SdloraError, match="no adapter named 'missing'"):
         mixer.set_weights({"missing": 1.0})
-    with pytest.raises(SdloraError, match="unknown UNet block"):
+    with pytest.raises(SdloraError, match="unknown block"):
         mixer.set_block_weights("partial", {"middle": 1.0})
 
 
