@@ -98,8 +98,7 @@ class Renderer:
         self.pipeline = self.base.pipeline.to(device)
         self.pipeline.set_progress_bar_config(disable=True)
         self.scheduler_config = self.pipeline.scheduler.config
-        # reproducible: an image must not depend on which images this process rendered before
-        self.mixer = Mixer(self.pipeline, reproducible=True)
+        self.mixer = Mixer(self.pipeline)
         self.files = plan.adapter_files
         load_into_mixer(self.mixer, plan.adapter_files)
         self.model_hash = model_hash(args.base)

@@ -140,7 +140,7 @@ class Studio:
         self._loaded = _LoadedBase(
             source=source,
             base=base,
-            mixer=Mixer(base.pipeline, reproducible=True),
+            mixer=Mixer(base.pipeline),
             scheduler_config=base.pipeline.scheduler.config,
             model_hash=model_hash(source),
         )
