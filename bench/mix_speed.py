@@ -1,18 +1,18 @@
 """Speed of the fused mixer against diffusers/peft adapters, on an SD1.5-sized UNet and CLIP.
 
-    python bench/mix_speed.py [--quick]
+    python bench/mix_speed.py [--quick] [--slider-only] [--wall]
 
 Random weights built from the SD1.5 configs written below (nothing downloaded), rank-16
 adapters on attention (UNet to_q/k/v/out.0, text q/k/v/out_proj). Measures:
 1. one UNet step (batch 2, as with classifier-free guidance, 256 px = 32x32 latents) with 0,
    1, 3, 8 adapters: sdlora's fused mix vs diffusers `set_adapters` (unfused peft layers),
    as ratios to the base step;
-2. one slider change in a 3-adapter mix: sdlora `set_weights` vs diffusers
-   `unfuse_lora` + `set_adapters` + `fuse_lora`, on the UNet alone and on UNet + text encoder.
+2. one slider change in a 3-adapter mix: sdlora `set_weights` (pure: the weights are bit for
+   bit what a fresh Mixer fuses for the mix, whatever came before) vs diffusers `unfuse_lora` +
+   `set_adapters` + `fuse_lora` (not pure: unfusing subtracts, so the bits depend on the
+   history), on the UNet alone and on UNet + text encoder.
 Goals: fused <= 1.01x base at any adapter count; slider change on UNet + text encoder <= 100 ms.
-Results (one thread, CPU time): fused 1.000-1.013x base at 0-8 adapters (diffusers unfused up
-to 1.115x); slider change 48 ms (UNet) and 59 ms (UNet + text encoder) vs diffusers 855 and
-991 ms. Table and notes: bench/RESULTS-mix.md.
+Results and notes: bench/RESULTS-mix.md.
 
 Timing: by default one thread and process CPU time, because on a small shared machine wall time
 measures the neighbours (two OpenMP threads on two busy cores slow down tenfold). `--wall`
@@ -149,7 +149,8 @@ def bench_steps(ours, theirs, mixer, adapters, counts, latent, runs) -> dict:
 
 
 def bench_slider(ours, theirs, mixer, adapters, components, runs) -> tuple[float, float]:
-    """Seconds for one weight change in a 3-adapter mix: sdlora, then diffusers fuse/unfuse."""
+    """Seconds for one weight change in a 3-adapter mix: sdlora (pure), then diffusers
+    unfuse + set_adapters + fuse."""
     names = [adapter.name for adapter, _ in adapters]
     text = 1.0 if "text_encoder" in components else 0.0
     for name in names:
@@ -172,10 +173,25 @@ def bench_slider(ours, theirs, mixer, adapters, components, runs) -> tuple[float
     return statistics.median(ours_times[1:]), statistics.median(theirs_times[1:])
 
 
+def print_step_table(steps: dict, counts) -> None:
+    base = steps["base"]
+    print("| adapters | sdlora fused | ratio to base | diffusers set_adapters | ratio to base |")
+    print("|---:|---:|---:|---:|---:|")
+    print(f"| 0 | {base * 1000:.0f} ms | 1.000x | {base * 1000:.0f} ms | 1.000x |")
+    for count in counts:
+        fused, unfused = steps[("sdlora", count)], steps[("diffusers", count)]
+        print(
+            f"| {count} | {fused * 1000:.0f} ms | {fused / base:.3f}x "
+            f"| {unfused * 1000:.0f} ms | {unfused / base:.3f}x |"
+        )
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="128 px, 0/1/3 adapters, fewer runs")
     parser.add_argument("--wall", action="store_true", help="wall-clock time, default threads")
+    parser.add_argument("--slider-only", action="store_true", help="skip the UNet step table")
     args = parser.parse_args()
     global CLOCK
     if args.wall:
@@ -206,21 +222,12 @@ def main() -> None:
         f"{torch.get_num_threads()} thread(s); {'wall' if args.wall else 'CPU'} time, "
         f"median of {runs}\n"
     )
-    steps = bench_steps(ours, theirs, mixer, adapters, counts, latent, runs)
-    base = steps["base"]
-    print("| adapters | sdlora fused | ratio to base | diffusers set_adapters | ratio to base |")
-    print("|---:|---:|---:|---:|---:|")
-    print(f"| 0 | {base * 1000:.0f} ms | 1.000x | {base * 1000:.0f} ms | 1.000x |")
-    for count in counts:
-        fused, unfused = steps[("sdlora", count)], steps[("diffusers", count)]
-        print(
-            f"| {count} | {fused * 1000:.0f} ms | {fused / base:.3f}x "
-            f"| {unfused * 1000:.0f} ms | {unfused / base:.3f}x |"
-        )
+    if not args.slider_only:
+        print_step_table(bench_steps(ours, theirs, mixer, adapters, counts, latent, runs), counts)
 
     print(
-        "\n| slider change, 3 adapters | sdlora set_weights | diffusers unfuse+set+fuse "
-        "| speed-up |"
+        "| slider change, 3 adapters | sdlora set_weights (pure) "
+        "| diffusers unfuse+set+fuse (not pure) | speed-up |"
     )
     print("|---|---:|---:|---:|")
     for label, components in (

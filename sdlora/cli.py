@@ -141,12 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     render.set_defaults(handler=_render)
 
     mix = commands.add_parser("mix", help="write one adapter, or a baked base, from a weighted mix")
-    mix.add_argument("--base", required=True)
+    mix.add_argument("--base", required=True, metavar="MODEL",
+                     help="the base the adapters were trained for: hub id, diffusers folder or "
+                          "single-file checkpoint")
     mix.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]")
     target = mix.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="write the mix as one adapter (.safetensors)")
     target.add_argument("--bake", metavar="DIR", help="write the base with the mix fused in")
     mix.add_argument("--rank", type=int, help="SVD-reduce the mixed adapter to this rank")
+    mix.add_argument("--save-precision", choices=("fp32", "fp16", "bf16"),
+                     help="tensor precision of the --out adapter (default fp32: the concatenated "
+                          "mix is exact; fp16/bf16 halve the file and round each factor)")
     mix.set_defaults(handler=_mix)
 
     convert = commands.add_parser("convert", help="convert an adapter between layouts")

@@ -179,7 +179,7 @@ def demo_pipeline(adapters: dict[str, Path]):
     from sdlora.mix.mixer import Mixer
 
     pipeline = load_plain_base()
-    mixer = Mixer(pipeline, reproducible=True)
+    mixer = Mixer(pipeline)
     for style, path in adapters.items():
         mixer.add(load_adapter(path, name=style), weight=0.0)
     return pipeline, mixer

@@ -12,10 +12,12 @@ import weakref
 import pytest
 import torch
 from factories import random_adapter
+from torch.overrides import TorchFunctionMode
 
 from sdlora.adapters.core import Adapter, LohaLayer, LokrLayer
 from sdlora.base.tiny import build_tiny_pipeline
 from sdlora.errors import SdloraError
+from sdlora.mix import fuse
 from sdlora.mix.mixer import Mixer
 
 COMPONENT_NAMES = ("unet", "text_encoder", "text_encoder_2")
@@ -119,29 +121,88 @@ def test_random_changes_match_a_fresh_fuse_and_zero_restores_base_exactly(sd1):
         assert torch.equal(after[key], value), key
 
 
-def test_long_slider_sessions_stay_exact_and_reproducible_mode_ignores_history(sd1, pristine_sd1):
+def test_long_slider_sessions_return_to_base_exactly(sd1):
     base = snapshot(sd1)
     first, second = random_adapter(sd1, "first", seed=12), random_adapter(sd1, "second", seed=13)
     mixer = Mixer(sd1)
     mixer.add(first, 0.3)
     mixer.add(second)
-    for step in range(70):  # past the periodic refresh from the base copy
+    for step in range(70):
         mixer.set_weights({"second": (step % 7) / 7 - 0.5})
     mixer.set_weights({"first": 0.0, "second": 0.0})
     assert all(torch.equal(snapshot(sd1)[key], value) for key, value in base.items())
 
-    def fused_after(history):
-        pipeline = copy.deepcopy(pristine_sd1)
-        mixer = Mixer(pipeline, reproducible=True)
-        mixer.add(first)
-        mixer.add(second)
-        for weights in history:
-            mixer.set_weights(weights)
-        return snapshot(pipeline)
 
-    direct = fused_after([{"first": 0.4}])
-    roundabout = fused_after([{"second": 0.7}, {"first": -1.0}, {"first": 0.4, "second": 0.0}])
-    assert all(torch.equal(direct[key], roundabout[key]) for key in direct)
+def mixed_adapters(pipeline) -> list[Adapter]:
+    """LoRA adapters of several ranks (one with convs) and one LoKr adapter."""
+    loras = [
+        random_adapter(pipeline, f"lora{i}", rank=2 + i, convs=i == 0, seed=20 + i)
+        for i in range(3)
+    ]
+    to_k = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+    kron = LokrLayer(
+        w1=torch.randn(4, 4, generator=torch.Generator().manual_seed(24)),
+        w2=torch.randn(8, 8, generator=torch.Generator().manual_seed(25)),
+        scale=0.05,
+        weight_shape=(32, 32),
+    )
+    return [*loras, Adapter(name="lokr", layers={to_k: kron}, family="sd1")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_after_any_history_equal_a_fresh_mixers_bit_for_bit(
+    pristine_sd1, dtype, monkeypatch
+):
+    """The image is a pure function of the mix: random weight, component and block changes
+    (adapters removed and added back too) leave exactly the bits a fresh Mixer fuses."""
+    monkeypatch.setattr(fuse, "TILE_ELEMENTS", 64)  # several row tiles even in the tiny model
+    pipeline = copy.deepcopy(pristine_sd1).to(dtype)
+    base = snapshot(pipeline)
+    adapters = {adapter.name: adapter for adapter in mixed_adapters(pipeline)}
+    mixer = Mixer(pipeline)
+    for adapter in adapters.values():
+        mixer.add(adapter)
+    rng = random.Random(1)
+    fresh_comparisons = 0
+    for step in range(60):
+        name = rng.choice(list(adapters))
+        kind = rng.randrange(5)
+        if kind < 2:
+            mixer.set_weights({name: rng.choice([0.0, rng.uniform(-1.5, 1.5)])})
+        elif kind == 2:
+            mixer.set_component_weights(
+                name, {"unet": rng.uniform(-1, 1), "text_encoder": rng.choice([0.0, 1.3])}
+            )
+        elif kind == 3:
+            mixer.set_block_weights(name, {"down": rng.uniform(0, 1), "up.1": rng.uniform(-1, 1)})
+        else:
+            mixer.remove(name)
+            mixer.add(adapters[name], rng.uniform(-1, 1))
+        if step % 15 == 14:
+            expected = fresh_mix(pristine_sd1, dtype, adapters, mixer.adapters)
+            fused = snapshot(pipeline)
+            assert all(torch.equal(fused[key], value) for key, value in expected.items())
+            fresh_comparisons += 1
+    assert fresh_comparisons == 4
+    settings = {
+        entry.name: (entry.weight, entry.component_weights, entry.block_weights)
+        for entry in mixer.adapters
+    }
+    if dtype == torch.float32:  # and the tiled fuse is the right sum
+        assert_close(snapshot(pipeline), expected_fuse(base, list(adapters.values()), settings))
+
+
+def fresh_mix(pristine, dtype, adapters: dict[str, Adapter], mix) -> dict[str, torch.Tensor]:
+    """The weights a fresh Mixer on a fresh pipeline fuses for `mix`, adapters loaded in
+    reverse order."""
+    pipeline = copy.deepcopy(pristine).to(dtype)
+    mixer = Mixer(pipeline)
+    for entry in reversed(mix):
+        mixer.add(adapters[entry.name])
+        mixer.set_component_weights(entry.name, entry.component_weights)
+        mixer.set_block_weights(entry.name, entry.block_weights)
+    mixer.set_weights({entry.name: entry.weight for entry in mix})
+    return snapshot(pipeline)
 
 
 def test_half_precision_weights_are_recomputed_without_drift(sd1):
@@ -160,6 +221,45 @@ def test_half_precision_weights_are_recomputed_without_drift(sd1):
         assert torch.equal(fused[key], expected[key].to(torch.bfloat16)), key
     mixer.set_weights({"half": 0.0})
     assert all(torch.equal(snapshot(pipeline)[key], value) for key, value in base.items())
+
+
+class CrossDeviceSpy(TorchFunctionMode):
+    """Records every torch call whose tensors (arguments or result) span devices: any copy
+    between host and device shows up here."""
+
+    def __init__(self):
+        super().__init__()
+        self.crossings: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        tensors = [t for t in (*args, *kwargs.values(), result) if isinstance(t, torch.Tensor)]
+        if len({tensor.device for tensor in tensors}) > 1:
+            self.crossings.append(getattr(func, "__name__", str(func)))
+        return result
+
+
+# "meta" stands in for a GPU on machines without one: its tensors live off the host, so a copy
+# from or to the host is a call the spy sees, and the fuse runs (shapes only).
+@pytest.mark.parametrize("device", ["meta"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_half_precision_changes_copy_nothing_between_host_and_device(sd1, device):
+    for component in (sd1.unet, sd1.text_encoder):
+        component.to(device, torch.float16)
+    first, second = random_adapter(sd1, "first", seed=14), random_adapter(sd1, "second", seed=15)
+    mixer = Mixer(sd1)
+    mixer.add(first, 0.5)
+    with CrossDeviceSpy() as spy:
+        mixer.add(second, 0.2)
+    assert spy.crossings  # the adapter's factors go to the device, once
+
+    with CrossDeviceSpy() as spy:
+        for weight in (-0.3, 0.9, 0.25):
+            mixer.set_weights({"first": weight, "second": 1 - weight})
+        mixer.set_block_weights("second", {"up": 0.5})
+    assert spy.crossings == []
+    for module in mixer._modules.values():
+        assert module.base.device == module.weight.device and module.base.dtype == torch.float16
 
 
 def test_zero_weight_adapters_cost_nothing_and_remove_frees(sd1):

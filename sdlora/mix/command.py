@@ -1,8 +1,11 @@
 """`sdlora mix`: a weighted mix of adapter files -> one adapter file, or a baked base model.
 
     --lora PATH[:WEIGHT] ... -> Mixer on the base (weights fused) ->
-        --out FILE [--rank R]  the mix as one kohya-layout adapter: ranks concatenated (exact),
-                               or SVD-reduced to rank R per module (relative error printed)
+        --out FILE [--rank R] [--save-precision fp32|fp16|bf16]
+                               the mix as one kohya-layout adapter: ranks concatenated (exact:
+                               base + its delta equals the fused mix to float32 rounding, when
+                               saved in fp32, the default), or SVD-reduced to rank R per module
+                               (relative error printed)
         --bake DIR             the base with the mix fused in, a diffusers folder
 
 Outputs never replace a folder that holds files; a mistake in the arguments is reported before
@@ -14,9 +17,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
+
 from sdlora.errors import SdloraError
 from sdlora.render.command import ensure_writable
 from sdlora.render.plan import adapters_from_specs
+
+SAVE_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def mix_command(args) -> None:
@@ -26,6 +33,8 @@ def mix_command(args) -> None:
     files, weights = adapters_from_specs(args.lora)
     if args.rank is not None and (args.out is None or args.rank < 1):
         raise SdloraError("--rank takes a positive number and goes with --out")
+    if args.save_precision is not None and args.out is None:
+        raise SdloraError("--save-precision goes with --out")
     if args.out is not None:
         out = Path(args.out)
         if out.suffix != ".safetensors":
@@ -48,7 +57,7 @@ def mix_command(args) -> None:
     from sdlora.adapters.write import save_adapter
 
     adapter, error = mixer.merged_adapter(rank=args.rank, name=out.stem)
-    save_adapter(adapter, out)
+    save_adapter(adapter, out, dtype=SAVE_PRECISIONS[args.save_precision or "fp32"])
     ranks = sorted({layer.rank for layer in adapter.layers.values()})
     rank_text = f"rank {ranks[-1]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
     print(

@@ -5,12 +5,10 @@ weights are set (per adapter, optionally per component and per UNet block) -> ev
 module holds W = W_base + sum_i c_i * delta_i, where c_i is adapter i's effective weight there.
 
 Because the mix lives in the module weights, a generation costs exactly what the base costs.
-Changing one adapter's weight updates only the modules that adapter touches, by
-W += (c_new - c_old) * up @ down (an in-place addmm on fp32 weights). Each touched module keeps
-one CPU copy of its base weight, so that a module whose contributions all return to 0 is
-restored bit for bit, and fp16/bf16 weights are recomputed from it in fp32 (adding small
-deltas into a half-precision weight would drift). `Mixer(pipeline, reproducible=True)`
-recomputes fp32 weights too, so that the same mix gives the same bits whatever came before.
+A change re-fuses only the modules whose coefficient it changes, each once, from the module's
+base copy (see fuse.py): the weights are a pure function of the mix, bit for bit what a fresh
+Mixer fuses for it, whatever changes came before, so an image never depends on the images made
+before it.
 
 A lock makes "set these weights, then generate" atomic for a multi-user web UI:
 
@@ -24,7 +22,7 @@ import contextlib
 import json
 import math
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -34,10 +32,7 @@ from sdlora.adapters.read import match_to_base
 from sdlora.base.models import describe_pipeline
 from sdlora.errors import SdloraError
 from sdlora.mix.block_weights import check_block_key
-
-# Exact incremental updates still round; refreshing from the base copy this often bounds the
-# drift of a slider dragged for hours while keeping the usual update incremental.
-REFRESH_EVERY = 64
+from sdlora.mix.fuse import FusedModule
 
 
 @dataclass
@@ -72,15 +67,6 @@ class _Entry:
         return factor
 
 
-@dataclass
-class _Module:
-    weight: torch.nn.Parameter
-    users: set[str] = field(default_factory=set)  # loaded adapters with a layer here
-    contributions: dict[str, float] = field(default_factory=dict)  # adapter -> fused coefficient
-    base: torch.Tensor | None = None  # CPU copy of the base weight, made when first fused
-    updates_since_refresh: int = 0
-
-
 def _block_keys(module_name: str) -> list[str]:
     """Block-weight keys for a UNet module, most specific first: ["down.1.0", "down.1", "down"].
 
@@ -112,30 +98,16 @@ def _finite(value, what: str) -> float:
     return number
 
 
-def add_scaled(target: torch.Tensor, layer: Layer, coefficient: float) -> None:
-    """target += coefficient * layer.delta, without materializing a LoRA's dense delta."""
-    if isinstance(layer, LoraLayer) and target.is_contiguous():
-        up = layer.up.to(target.device, target.dtype).flatten(1)
-        down = layer.down.to(target.device, target.dtype).flatten(1)
-        target.view(target.shape[0], -1).addmm_(up, down, alpha=coefficient * layer.scale)
-    else:
-        delta = layer.delta(torch.float32).to(target.device, target.dtype)
-        target.add_(delta.reshape(target.shape), alpha=coefficient)
-
-
 class Mixer:
-    """Adapters fused into `pipeline`'s UNet and text encoders, re-weighted incrementally."""
+    """Adapters fused into `pipeline`'s UNet and text encoders; the weights a pure function of
+    the mix."""
 
-    def __init__(self, pipeline, reproducible: bool = False):
-        """`reproducible`: recompute each touched module from its base copy instead of adding
-        the change, so the weights depend bit for bit on the mix alone, not on the order of
-        changes (batch rendering wants this; a slider wants the cheaper incremental update)."""
+    def __init__(self, pipeline):
         self.pipeline = pipeline
-        self.reproducible = reproducible
         self.family = describe_pipeline(pipeline).family.name
         self.lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
-        self._modules: dict[str, _Module] = {}
+        self._modules: dict[str, FusedModule] = {}
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -168,11 +140,12 @@ class Mixer:
         with self.lock:
             entry = self._entry(name)
             entry.weight = 0.0
-            self._apply(name)
+            self._apply([name])
             for path in entry.layers:
-                state = self._modules[path]
-                state.users.discard(name)
-                if not state.users:
+                module = self._modules[path]
+                module.users.discard(name)
+                module.forget(name)
+                if not module.users:
                     del self._modules[path]  # its weight is back at base: no copy to keep
             del self._entries[name]
 
@@ -180,14 +153,14 @@ class Mixer:
 
     def set_weights(self, weights: Mapping[str, float]) -> None:
         """Set adapters' global weights; only the modules of adapters whose weight changes are
-        touched."""
+        touched, each once however many of its adapters change."""
         with self.lock:
-            for name, weight in weights.items():
-                entry = self._entry(name)
-                weight = _finite(weight, f"weight of {name!r}")
-                if weight != entry.weight:
-                    entry.weight = weight
-                    self._apply(name)
+            new = {name: _finite(weight, f"weight of {name!r}") for name, weight in weights.items()}
+            entries = {name: self._entry(name) for name in new}
+            changed = [name for name, weight in new.items() if weight != entries[name].weight]
+            for name in changed:
+                entries[name].weight = new[name]
+            self._apply(changed)
 
     def set_component_weights(self, name: str, weights: Mapping[str, float]) -> None:
         """Multipliers per component ("unet", "text_encoder", "text_encoder_2"); default 1."""
@@ -198,7 +171,7 @@ class Mixer:
             self._entry(name).component_weights = {
                 key: _finite(value, f"{key} weight of {name!r}") for key, value in weights.items()
             }
-            self._apply(name)
+            self._apply([name])
 
     def set_block_weights(self, name: str, weights: Mapping[str, float]) -> None:
         """Multipliers per UNet block: "down", "mid", "up", one block like "down.1", "up.2",
@@ -213,7 +186,7 @@ class Mixer:
             self._entry(name).block_weights = {
                 key: _finite(value, f"{key} weight of {name!r}") for key, value in weights.items()
             }
-            self._apply(name)
+            self._apply([name])
 
     @contextlib.contextmanager
     def using(self, weights: Mapping[str, float]) -> Iterator[Mixer]:
@@ -252,15 +225,15 @@ class Mixer:
         with self.lock:
             layers = {}
             kept_squared = dropped_squared = 0.0
-            for path, state in self._modules.items():
-                if not state.contributions:
+            for path, module in self._modules.items():
+                if not module.contributions:
                     continue
                 terms = [
                     (self._entries[adapter].layers[path], coefficient)
-                    for adapter, coefficient in state.contributions.items()
+                    for adapter, coefficient in module.contributions.items()
                 ]
                 up, down, kept, dropped = _merge_module(terms, rank)
-                layers[path] = _shaped_layer(up, down, tuple(state.weight.shape))
+                layers[path] = _shaped_layer(up, down, tuple(module.weight.shape))
                 kept_squared += kept
                 dropped_squared += dropped
             total = kept_squared + dropped_squared
@@ -277,61 +250,31 @@ class Mixer:
             loaded = ", ".join(self._entries) or "none"
             raise SdloraError(f"no adapter named {name!r} is loaded (loaded: {loaded})") from None
 
-    def _module(self, path: str) -> _Module:
+    def _module(self, path: str) -> FusedModule:
         if path not in self._modules:
             component, module_name = split_path(path)
             module = getattr(self.pipeline, component).get_submodule(module_name)
-            self._modules[path] = _Module(weight=module.weight)
+            self._modules[path] = FusedModule(module.weight)
         return self._modules[path]
 
-    def _apply(self, name: str) -> None:
-        """Bring every module `name` touches to its current coefficient for `name`."""
-        entry = self._entries[name]
-        with torch.no_grad():
+    def _apply(self, names: Iterable[str]) -> None:
+        """Bring the adapters `names` to their current coefficients: every module where one of
+        them changed is re-fused once, from its base copy."""
+        changed = set()
+        for name in names:
+            entry = self._entries[name]
             for path in entry.layers:
-                state = self._modules[path]
-                new = entry.coefficient(path)
-                old = state.contributions.get(name, 0.0)
-                if new != old:
-                    self._update(path, name, old, new)
-
-    def _update(self, path: str, name: str, old: float, new: float) -> None:
-        """Move adapter `name`'s coefficient on module `path` from `old` to `new`."""
-        state = self._modules[path]
-        weight = state.weight
-        if state.base is None:
-            state.base = weight.detach().to("cpu", copy=True)
-        if new == 0.0:
-            del state.contributions[name]
-        else:
-            state.contributions[name] = new
-        if not state.contributions:
-            weight.copy_(state.base)
-            state.updates_since_refresh = 0
-        elif (
-            self.reproducible
-            or weight.dtype != torch.float32
-            or state.updates_since_refresh >= REFRESH_EVERY
-        ):
-            self._recompute(path, state)
-        else:
-            add_scaled(weight.data, self._entries[name].layers[path], new - old)
-            state.updates_since_refresh += 1
-
-    def _recompute(self, path: str, state: _Module) -> None:
-        """W = base + sum of c_i * delta_i in fp32, adapters in name order: a pure function of
-        the current mix, whatever changes led to it."""
-        weight = state.weight
-        if weight.dtype == torch.float32:
-            fused = weight.data
-            fused.copy_(state.base)
-        else:
-            fused = state.base.to(weight.device, torch.float32, copy=True)
-        for adapter in sorted(state.contributions):
-            add_scaled(fused, self._entries[adapter].layers[path], state.contributions[adapter])
-        if fused is not weight.data:
-            weight.copy_(fused)
-        state.updates_since_refresh = 0
+                module = self._modules[path]
+                coefficient = entry.coefficient(path)
+                if coefficient != module.contributions.get(name, 0.0):
+                    if coefficient == 0.0:
+                        del module.contributions[name]
+                    else:
+                        module.contributions[name] = coefficient
+                    changed.add(path)
+        for path in changed:
+            module = self._modules[path]
+            module.refuse({name: self._entries[name].layers[path] for name in module.contributions})
 
     def _describe(self, name: str) -> MixedAdapter:
         entry = self._entries[name]

@@ -139,7 +139,7 @@ class GenerationSession:
         self.pipeline = self.base.pipeline.to(self.device)
         self.pipeline.set_progress_bar_config(disable=True)
         self.scheduler_config = self.pipeline.scheduler.config
-        self.mixer = Mixer(self.pipeline, reproducible=True)
+        self.mixer = Mixer(self.pipeline)
         self.model_hash = model_hash(source)
         path = Path(source.rstrip("/\\"))
         self.model_name = path.stem if path.is_file() else path.name
