@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 120
+TIMEOUT_S = 45  # a case still running then is a hang (e.g. a 1000000-pixel-high render)
 # stderr lines that are not the error: Python/library warnings and their source lines,
 # argparse's usage line, and library notices.
 _NOISE = re.compile(r"warn|^\s|^usage:|^\[transformers\]|^$|\d+%\|", re.IGNORECASE)
