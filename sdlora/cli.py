@@ -190,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "threads"):
             use_threads(args.threads)
         args.handler(args)
+        sys.stdout.flush()  # a closed pipe (`sdlora info X | head`) shows up here, not at exit
+    except BrokenPipeError:
+        # As the Python docs recommend: the reader has gone, so point stdout at devnull (the
+        # interpreter's final flush would fail again) and stop quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except SdloraError as error:
         print(f"sdlora {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -9,20 +9,51 @@ from pathlib import Path
 import torch
 
 from sdlora.adapters.core import Adapter, Layer, LohaLayer, LokrLayer, LoraLayer
-from sdlora.adapters.metadata import top_tags, training_settings, trigger_words
+from sdlora.adapters.metadata import (
+    CONFIG_KEY,
+    TRIGGER_WORDS_KEY,
+    top_tags,
+    training_settings,
+    trigger_words,
+    unreadable_keys,
+)
 from sdlora.adapters.read import read_adapter_file
 from sdlora.adapters.write import save_adapter
+from sdlora.errors import SdloraError
+from sdlora.files import is_disk_full
+
+UNREADABLE = "(unreadable)"
 
 
 def convert_command(args: argparse.Namespace) -> None:
     """Read args.input in any layout, write args.out in layout args.to, keeping the metadata."""
+    out = Path(args.out)
+    _check_output(out)
     source = read_adapter_file(args.input)
     adapter = source.adapter
-    written = save_adapter(adapter, args.out, layout=args.to, dtype=_storage_dtype(adapter))
+    try:
+        written = save_adapter(adapter, out, layout=args.to, dtype=_storage_dtype(adapter))
+    except OSError as error:
+        if is_disk_full(error):
+            raise  # the CLI reports a full disk in its own words
+        raise SdloraError(f"cannot write --out {out}: {error.strerror or error}") from None
     print(
         f"converted {args.input} ({source.layout}) -> {written} ({args.to}): "
         f"{len(adapter.layers)} layers, family {adapter.family or 'unknown'}"
     )
+
+
+def _check_output(out: Path) -> None:
+    """Refuse an --out that cannot be a file before reading anything (the cheap, common mistakes)."""
+    if out.is_dir():
+        raise SdloraError(
+            f"--out {out} is a folder; give a file name such as {out / 'adapter.safetensors'}"
+        )
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SdloraError(f"--out {out}: {parent} is a file, not a folder")
+            break
 
 
 def _storage_dtype(adapter: Adapter) -> torch.dtype:
@@ -41,7 +72,7 @@ def info_command(args: argparse.Namespace) -> None:
     path = Path(args.adapter)
     source = read_adapter_file(path)
     for label, value in describe(source.adapter, source.layout, path.stat().st_size):
-        print(f"{label + ':':<22}{value}")
+        print(f"{label + ':':<22}{_printable(value)}")
     if source.ignored_keys:
         print(f"{'ignored keys:':<22}{len(source.ignored_keys)} (e.g. {source.ignored_keys[0]})")
 
@@ -64,14 +95,27 @@ def describe(adapter: Adapter, layout: str, file_size: int) -> list[tuple[str, s
         ("parameters", f"{adapter.num_parameters:,}"),
         ("file size", _size(file_size)),
     ]
-    words = trigger_words(adapter.metadata)
-    if words:
-        lines.append(("trigger words", ", ".join(words)))
-    tags = top_tags(adapter.metadata)
-    if tags:
-        lines.append(("top tags", ", ".join(f"{tag} ({count})" for tag, count in tags)))
-    lines.extend(training_settings(adapter.metadata))
+    unreadable = unreadable_keys(adapter.metadata)
+    words = ", ".join(trigger_words(adapter.metadata))
+    if not words and TRIGGER_WORDS_KEY in unreadable:
+        words = UNREADABLE
+    lines.append(("trigger words", words))
+    tags = ", ".join(f"{tag} ({count})" for tag, count in top_tags(adapter.metadata))
+    if "ss_tag_frequency" in unreadable:
+        tags = f"{tags} (some {UNREADABLE})" if tags else UNREADABLE
+    lines.append(("top tags", tags))
+    for label, value in training_settings(adapter.metadata):
+        if label == "sdlora config" and CONFIG_KEY in unreadable:
+            value = UNREADABLE
+        lines.append((label, value))
+    if unreadable:
+        lines.append(("unreadable metadata", ", ".join(unreadable)))
     return [(label, value) for label, value in lines if value]
+
+
+def _printable(value: str) -> str:
+    """Metadata is free text from the file: escape newlines and terminal control characters."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in value)
 
 
 def _kind(layer: Layer) -> str:

@@ -137,11 +137,8 @@ def family_from_model_name(metadata: Mapping[str, str]) -> str | None:
 
 def trigger_words(metadata: Mapping[str, str]) -> list[str]:
     """Trigger words: sdlora's list, else modelspec's phrase, else a "trigger words:" comment."""
-    try:
-        words = json.loads(metadata.get(TRIGGER_WORDS_KEY, "[]"))
-    except json.JSONDecodeError:
-        words = []
-    if words:
+    words = _json(metadata, TRIGGER_WORDS_KEY)
+    if isinstance(words, list) and words:
         return [str(word) for word in words]
     phrase = metadata.get("modelspec.trigger_phrase", "")
     if not phrase:
@@ -152,17 +149,63 @@ def trigger_words(metadata: Mapping[str, str]) -> list[str]:
 
 
 def top_tags(metadata: Mapping[str, str], count: int = 10) -> list[tuple[str, int]]:
-    """The most frequent caption tags over all datasets in ss_tag_frequency."""
-    try:
-        per_dataset = json.loads(metadata.get("ss_tag_frequency", "{}"))
-    except json.JSONDecodeError:
-        return []
+    """The most frequent caption tags over all datasets in ss_tag_frequency (readable ones)."""
     totals: Counter[str] = Counter()
-    if isinstance(per_dataset, dict):
-        for tags in per_dataset.values():
-            if isinstance(tags, dict):
-                totals.update({str(tag): int(n) for tag, n in tags.items()})
+    for tag, number in _tag_counts(_json(metadata, "ss_tag_frequency")):
+        if _is_count(number):
+            totals[str(tag)] += number
     return totals.most_common(count)
+
+
+def unreadable_keys(metadata: Mapping[str, str]) -> list[str]:
+    """Keys present in the metadata whose JSON is not what sdlora and kohya write.
+
+    Hand-edited or foreign files have these; `sdlora info` marks them instead of failing.
+    """
+    bad = []
+    words = _json(metadata, TRIGGER_WORDS_KEY)
+    if words is not None and not isinstance(words, list):
+        bad.append(TRIGGER_WORDS_KEY)
+    frequency = _json(metadata, "ss_tag_frequency")
+    if frequency is not None and (
+        not isinstance(frequency, dict)
+        or not all(isinstance(tags, dict) for tags in frequency.values())
+        or not all(_is_count(number) for _, number in _tag_counts(frequency))
+    ):
+        bad.append("ss_tag_frequency")
+    config = _json(metadata, CONFIG_KEY)
+    if config is not None and not isinstance(config, dict):
+        bad.append(CONFIG_KEY)
+    return bad
+
+
+_INVALID = object()  # what _json returns for a value that is not JSON
+
+
+def _json(metadata: Mapping[str, str], key: str) -> object:
+    """The parsed value of `key`; None when absent, _INVALID when not JSON."""
+    raw = metadata.get(key)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
+        return _INVALID
+
+
+def _tag_counts(per_dataset: object) -> list[tuple[object, object]]:
+    if not isinstance(per_dataset, dict):
+        return []
+    return [
+        (tag, number)
+        for tags in per_dataset.values()
+        if isinstance(tags, dict)
+        for tag, number in tags.items()
+    ]
+
+
+def _is_count(number: object) -> bool:
+    return isinstance(number, int) and not isinstance(number, bool)
 
 
 # (metadata key, label) shown by `sdlora info` when present.

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from sdlora.adapters import keys
-from sdlora.adapters.core import COMPONENTS, Adapter, Layer, LohaLayer, LokrLayer, LoraLayer
+from sdlora.adapters.build import LayerTensors, build_layer, check_tensor, metadata_alpha
+from sdlora.adapters.core import COMPONENTS, Adapter, Layer, LoraLayer
 from sdlora.adapters.metadata import family_from_metadata, family_from_model_name
 from sdlora.errors import SdloraError
 from sdlora.files import PICKLE_SUFFIXES
@@ -65,18 +66,25 @@ def read_adapter_file(path: str | Path, name: str | None = None) -> AdapterFile:
             )
         # Only LoRA tensors are loaded: a checkpoint passed by mistake is refused before that.
         tensors = {
-            layer_path: {parameter: handle.get_tensor(key) for parameter, key in params.items()}
-            for layer_path, params in grouped.items()
+            layer_path: LayerTensors(
+                layer_path,
+                {parameter: _load(handle, key, path) for parameter, key in names.items()},
+                names,
+            )
+            for layer_path, names in grouped.items()
         }
-    peft_alphas = _PeftAlphas(metadata.get(PEFT_CONFIG_KEY))
-    layers = {
-        layer_path: _build_layer(layer_path, params, peft_alphas.alpha(layer_path, params))
-        for layer_path, params in tensors.items()
-    }
-    file_keys = [key for params in grouped.values() for key in params.values()]
-    layout = _layout(file_keys)
-    if layout != "kohya":
-        _unfold_alphas(layers, metadata.get(FOLDED_ALPHA_KEY))
+    try:
+        peft_alphas = _PeftAlphas(metadata.get(PEFT_CONFIG_KEY))
+        layers = {
+            layer_path: build_layer(params, peft_alphas.alpha(layer_path, params))
+            for layer_path, params in tensors.items()
+        }
+        file_keys = [key for params in grouped.values() for key in params.values()]
+        layout = _layout(file_keys)
+        if layout != "kohya":
+            _unfold_alphas(layers, metadata.get(FOLDED_ALPHA_KEY))
+    except SdloraError as error:
+        raise SdloraError(f"cannot use {path}: {error}") from None
     if ignored:
         logger.warning(
             "%s: ignored %d keys that hold no LoRA weights, e.g. %s", path, len(ignored), ignored[0]
@@ -88,6 +96,15 @@ def read_adapter_file(path: str | Path, name: str | None = None) -> AdapterFile:
         metadata=metadata,
     )
     return AdapterFile(adapter=adapter, layout=layout, ignored_keys=ignored)
+
+
+def _load(handle, key: str, path: Path) -> torch.Tensor:
+    tensor = handle.get_tensor(key)
+    try:
+        check_tensor(key, tensor)
+    except SdloraError as error:
+        raise SdloraError(f"cannot use {path}: {error}") from None
+    return tensor
 
 
 def _group_keys(names: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
@@ -145,108 +162,82 @@ def _layout(file_keys: list[str]) -> str:
     return "diffusers (legacy)"
 
 
-def _build_layer(path: str, params: dict[str, torch.Tensor], default_alpha: float | None) -> Layer:
-    """One module's tensors -> its layer; the alpha key wins over `default_alpha`, then rank."""
-    if "dora" in params:
-        raise SdloraError(f"{path} is a DoRA layer, which sdlora cannot apply; use a plain LoRA")
-    if "tucker" in params:
-        raise SdloraError(
-            f"{path} uses a Tucker/CP-decomposed conv (lora_mid, hada_t or lokr_t keys), which "
-            "sdlora does not read; re-export the adapter without use_tucker/use_cp"
-        )
-    alpha = float(params["alpha"].float()) if "alpha" in params else default_alpha
-    if "down" in params or "up" in params:
-        down, up = _require(path, params, "down", "up")
-        if down.shape[0] != up.shape[1]:
-            raise SdloraError(
-                f"{path}: down has rank {down.shape[0]} but up has rank {up.shape[1]}; the file is damaged"
-            )
-        return LoraLayer(down=down, up=up, alpha=alpha if alpha is not None else down.shape[0])
-    if any(parameter.startswith("hada_") for parameter in params):
-        w1a, w1b, w2a, w2b = _require(
-            path, params, "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"
-        )
-        return LohaLayer(
-            w1a=w1a,
-            w1b=w1b,
-            w2a=w2a,
-            w2b=w2b,
-            alpha=alpha if alpha is not None else w1b.shape[0],
-            # Conv LoHa stores (rank, in * kh * kw); match_to_base reshapes it to the module.
-            weight_shape=(w1a.shape[0], w1b.shape[1]),
-        )
-    return _build_lokr(path, params, alpha)
-
-
-def _build_lokr(path: str, params: dict[str, torch.Tensor], alpha: float | None) -> LokrLayer:
-    """LoKr: each Kronecker factor is stored whole (lokr_wN) or as a low-rank pair (_a @ _b).
-
-    As LyCORIS and AUTOMATIC1111 do, the scale is alpha / rank only when a factor is decomposed
-    (rank of the second factor's pair, else the first's); with both factors whole it is 1.
-    """
-    factors = []
-    for index in (1, 2):
-        whole = params.get(f"lokr_w{index}")
-        if whole is not None:
-            factors.append(whole.float())
-            continue
-        first, second = _require(path, params, f"lokr_w{index}_a", f"lokr_w{index}_b")
-        product = first.float() @ second.float().flatten(1)
-        factors.append(product.reshape(first.shape[0], *second.shape[1:]))
-    w1, w2 = factors
-    decomposed_ranks = [params[f"lokr_w{i}_b"].shape[0] for i in (2, 1) if f"lokr_w{i}_b" in params]
-    rank = decomposed_ranks[0] if decomposed_ranks else None
-    scale = alpha / rank if rank and alpha is not None else 1.0
-    weight_shape = (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1], *w2.shape[2:])
-    return LokrLayer(w1=w1, w2=w2, scale=scale, weight_shape=weight_shape)
-
-
-def _require(path: str, params: dict[str, torch.Tensor], *names: str) -> list[torch.Tensor]:
-    missing = [name for name in names if name not in params]
-    if missing:
-        raise SdloraError(f"{path} has no {', '.join(missing)} weights; the file is damaged")
-    return [params[name] for name in names]
-
-
 class _PeftAlphas:
     """Per-module alpha from diffusers' `lora_adapter_metadata` (each component's LoraConfig).
 
     The JSON holds "<component>.lora_alpha", ".alpha_pattern", ".use_rslora"; without it a
-    peft-layout layer has alpha == rank (scale 1), the diffusers convention.
+    peft-layout layer has alpha == rank (scale 1), the diffusers convention. A value that is
+    there but unreadable is an error: guessing alpha would silently scale the whole adapter.
     """
 
     def __init__(self, raw: str | None):
-        try:
-            self.config = json.loads(raw) if raw else {}
-        except json.JSONDecodeError:
-            self.config = {}
+        self.config = _metadata_json(PEFT_CONFIG_KEY, raw) if raw else {}
+        if not isinstance(self.config, dict):
+            raise SdloraError(
+                f"metadata {PEFT_CONFIG_KEY} is not a JSON object; the file is damaged"
+            )
 
-    def alpha(self, path: str, params: dict[str, torch.Tensor]) -> float | None:
+    def alpha(self, path: str, params: LayerTensors) -> float | None:
         component, module = path.split(".", 1)
         alpha = self.config.get(f"{component}.lora_alpha")
         if alpha is None or "down" not in params:
             return None
-        for pattern, value in (self.config.get(f"{component}.alpha_pattern") or {}).items():
+        alpha = metadata_alpha(alpha, PEFT_CONFIG_KEY, f"{component}.lora_alpha")
+        patterns = self.config.get(f"{component}.alpha_pattern") or {}
+        if not isinstance(patterns, dict):
+            raise SdloraError(
+                f"metadata {PEFT_CONFIG_KEY} {component}.alpha_pattern is not a JSON object"
+            )
+        for pattern, value in patterns.items():
             regex = pattern[1:] if pattern.startswith("^") else rf"(.*\.)?(?:{pattern})"
-            if re.fullmatch(regex, module):
-                alpha = value
+            try:
+                matches = re.fullmatch(regex, module)
+            except re.error as error:
+                raise SdloraError(
+                    f"metadata {PEFT_CONFIG_KEY} alpha_pattern {pattern!r} is not a valid "
+                    f"regular expression ({error})"
+                ) from None
+            if matches:
+                alpha = metadata_alpha(value, PEFT_CONFIG_KEY, f"alpha_pattern {pattern!r}")
                 break
         if self.config.get(f"{component}.use_rslora"):
             # rsLoRA scales by alpha / sqrt(rank); as alpha / rank that is alpha * sqrt(rank).
-            alpha = alpha * math.sqrt(params["down"].shape[0])
-        return float(alpha)
+            alpha = alpha * math.sqrt(params.tensors["down"].shape[0])
+        return alpha
 
 
 def _unfold_alphas(layers: dict[str, Layer], folded: str | None) -> None:
-    """Undo save_adapter's diffusers layout, which folds alpha / rank into `up`."""
+    """Undo save_adapter's diffusers layout, which folds alpha / rank into `up`.
+
+    The metadata holds one alpha for all layers, or {layer path: alpha}.
+    """
     if not folded:
         return
-    recorded = json.loads(folded)
+    recorded = _metadata_json(FOLDED_ALPHA_KEY, folded)
+    if not isinstance(recorded, (dict, int, float)) or isinstance(recorded, bool):
+        raise SdloraError(
+            f"metadata {FOLDED_ALPHA_KEY} is {folded[:40]!r}: neither a number nor "
+            "{layer: alpha}; the file is damaged"
+        )
     for path, layer in layers.items():
         alpha = recorded.get(path) if isinstance(recorded, dict) else recorded
         if isinstance(layer, LoraLayer) and alpha is not None:
-            layer.up = layer.up.float() / (float(alpha) / layer.rank)
-            layer.alpha = float(alpha)
+            alpha = metadata_alpha(alpha, FOLDED_ALPHA_KEY, f"for {path}")
+            if alpha == 0:  # the folded scale alpha / rank was 0: the update cannot be restored
+                raise SdloraError(
+                    f"metadata {FOLDED_ALPHA_KEY} for {path} is 0; the file is damaged"
+                )
+            layer.up = layer.up.float() / (alpha / layer.rank)
+            layer.alpha = alpha
+
+
+def _metadata_json(key: str, raw: str) -> object:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        raise SdloraError(
+            f"metadata {key} is not valid JSON ({raw[:40]!r}); the file is damaged"
+        ) from None
 
 
 # ---- family ------------------------------------------------------------------------------

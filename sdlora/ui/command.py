@@ -2,7 +2,8 @@
 
     arguments -> Folders (what browsers may reach) -> Studio (base + mixer) and Trainer
     -> build_app: the base chooser, then the tabs (sdlora.ui.generate_tab, sdlora.ui.train_tab)
-    -> launch on 127.0.0.1 unless --host says otherwise, behind --auth when given
+    -> launch on 127.0.0.1 unless --host says otherwise, behind a login when --auth,
+       --auth-file or SDLORA_AUTH give one
 
 The UI holds no logic of its own: generation is `Studio.generate` (the mixer under a lock),
 training is `Trainer.start` (the training loop in a thread).
@@ -11,6 +12,7 @@ training is `Trainer.start` (the training loop in a thread).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +29,8 @@ TITLE = "sdlora"
 # other events (refresh, training progress, the render command).
 CONCURRENCY = 4
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+AUTH_ENV = "SDLORA_AUTH"
+Credentials = list[tuple[str, str]]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +53,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="address to listen on (0.0.0.0 shares the UI on the network)",
     )
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--auth", metavar="USER:PASSWORD", help="require this login")
+    parser.add_argument(
+        "--auth",
+        metavar="USER:PASSWORD",
+        help="require this login; every local user can read it in `ps`, so prefer "
+        f"--auth-file or the {AUTH_ENV}=user:password environment variable",
+    )
+    parser.add_argument(
+        "--auth-file",
+        metavar="FILE",
+        help="require a login from FILE: one user:password per line (several users allowed; "
+        "blank lines and # comments ignored)",
+    )
 
 
 def folders_from_args(args: argparse.Namespace) -> Folders:
@@ -71,13 +86,47 @@ def folders_from_args(args: argparse.Namespace) -> Folders:
     )
 
 
-def parse_auth(text: str | None) -> tuple[str, str] | None:
+def parse_auth(text: str | None, source: str = "--auth") -> tuple[str, str] | None:
+    """Parse "user:password" (the password may hold colons); errors never show the password."""
     if text is None:
         return None
     user, colon, password = text.partition(":")
+    user = user.strip()  # Gradio strips the name typed at the login, so a stored one must match
     if not colon or not user or not password:
-        raise SdloraError("--auth must look like user:password")
+        raise SdloraError(f"{source} must look like user:password")
     return user, password
+
+
+def read_auth_file(path: Path) -> Credentials:
+    """The logins of an --auth-file; a bad line is named by its number, never by its content."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SdloraError(f"--auth-file {path} is not UTF-8 text") from None
+    except OSError as error:
+        raise SdloraError(f"--auth-file {path}: {error.strerror or error}") from None
+    logins = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            logins.append(parse_auth(line, f"--auth-file {path} line {number}"))
+    if not logins:
+        raise SdloraError(f"--auth-file {path} has no user:password line")
+    return logins
+
+
+def credentials(args: argparse.Namespace, environ=os.environ) -> Credentials:
+    """Every login allowed: --auth, the lines of --auth-file and $SDLORA_AUTH, together."""
+    logins = [parse_auth(args.auth)] if args.auth is not None else []
+    if args.auth_file is not None:
+        logins += read_auth_file(Path(args.auth_file))
+    if environ.get(AUTH_ENV):
+        logins.append(parse_auth(environ[AUTH_ENV], AUTH_ENV))
+    users = [user for user, _ in logins]
+    repeated = sorted({user for user in users if users.count(user) > 1})
+    if repeated:  # Gradio would keep one of the passwords and silently drop the other
+        raise SdloraError(f"user {repeated[0]!r} is given more than one password")
+    return logins
 
 
 def build_app(folders: Folders, studio: Studio, trainer: Trainer):
@@ -111,7 +160,7 @@ def launch(
     studio: Studio,
     host: str,
     port: int,
-    auth: tuple[str, str] | None = None,
+    auth: tuple[str, str] | Credentials | None = None,
     block: bool = True,
 ):
     """Serve `app` (only the studio's images as files); block=False returns at once (tests)."""
@@ -120,7 +169,7 @@ def launch(
     return app.launch(
         server_name=host,
         server_port=port,
-        auth=auth,
+        auth=auth or None,  # an empty list would be a login nobody passes
         max_file_size=MAX_UPLOAD_BYTES,
         allowed_paths=[str(studio.output_dir)],
         prevent_thread_lock=not block,
@@ -133,10 +182,10 @@ def ui_command(args: argparse.Namespace) -> None:
     from sdlora.ui.studio import Studio
     from sdlora.ui.training import Trainer
 
-    auth = parse_auth(args.auth)
-    if args.host not in LOCAL_HOSTS and auth is None:
+    auth = credentials(args)
+    if args.host not in LOCAL_HOSTS and not auth:
         print(
-            f"sdlora ui: warning: listening on {args.host} without --auth: anyone who can "
+            f"sdlora ui: warning: listening on {args.host} without a login: anyone who can "
             "reach this machine can generate and train",
             file=sys.stderr,
         )
