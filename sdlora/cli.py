@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]")
     target = mix.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="write the mix as one adapter (.safetensors)")
+    mix.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     target.add_argument("--bake", metavar="DIR", help="write the base with the mix fused in")
     mix.add_argument("--rank", type=int, help="SVD-reduce the mixed adapter to this rank")
     mix.add_argument("--save-precision", choices=("fp32", "fp16", "bf16"),
@@ -157,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="convert an adapter between layouts")
     convert.add_argument("input")
     convert.add_argument("--to", required=True, choices=["kohya", "diffusers"])
-    convert.add_argument("--out", required=True)
+    convert.add_argument("--out", required=True, help="the converted file (.safetensors)")
+    convert.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     convert.set_defaults(handler=_convert)
 
     info = commands.add_parser("info", help="describe an adapter file")

@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from sdlora.errors import SdloraError
+
 # Files that torch/pickle would execute code from when loaded; sdlora never opens them.
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 TEMP_SUFFIX = ".tmp"
@@ -38,6 +40,22 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
         if is_disk_full(error) and not isinstance(error, OSError):
             raise OSError(errno.ENOSPC, "No space left on device", str(path)) from error
         raise
+
+
+def check_output_file(out: Path, flag: str, overwrite: bool = False) -> None:
+    """Refuse an output path that cannot be a file, or that would replace one without being
+    asked to, before any work is done (the cheap, common mistakes)."""
+    if out.is_dir():
+        raise SdloraError(
+            f"{flag} {out} is a folder; give a file name such as {out / 'adapter.safetensors'}"
+        )
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SdloraError(f"{flag} {out}: {parent} is a file, not a folder")
+            break
+    if out.exists() and not overwrite:
+        raise SdloraError(f"{flag} {out} already exists; pass --overwrite to replace it")
 
 
 def is_disk_full(error: BaseException) -> bool:

@@ -139,6 +139,11 @@ def test_cli_convert_keeps_updates_and_metadata(sdxl, tmp_path):
     source = save_adapter(original, tmp_path / "in.safetensors", metadata={"ss_output_name": "x"})
     out = tmp_path / "out.safetensors"
     assert main(["convert", str(source), "--to", "diffusers", "--out", str(out)]) == 0
+    before = out.read_bytes()
+    assert main(["convert", str(source), "--to", "kohya", "--out", str(out)]) == 2
+    assert out.read_bytes() == before  # never replaced without --overwrite
+    assert main(["convert", str(source), "--to", "diffusers", "--out", str(out),
+                 "--overwrite"]) == 0
     converted = load_adapter(out)
     assert converted.family == "sdxl" and converted.metadata["ss_output_name"] == "x"
     match_to_base(converted, sdxl, "sdxl")

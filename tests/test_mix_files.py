@@ -148,6 +148,19 @@ def test_mix_out_is_exact_in_fp32_by_default(tiny_sd1, sd1_files, tmp_path):
     assert written == {None: {"F32"}, "fp16": {"F16", "F32"}, "bf16": {"BF16", "F32"}}
 
 
+def test_mix_out_never_replaces_a_file_unasked(tiny_sd1, sd1_files, tmp_path, capsys):
+    out = tmp_path / "mixed.safetensors"
+    out.write_bytes(b"someone's adapter")
+    args = ["mix", "--base", str(tiny_sd1), *lora_options(sd1_files), "--out", str(out)]
+    assert main(args) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"someone's adapter"
+    assert main([*args, "--overwrite"]) == 0
+    assert load_adapter(out).family == "sd1"
+    assert main(["mix", "--base", str(tiny_sd1), *lora_options(sd1_files),
+                 "--out", str(tmp_path)]) == 2  # a folder: one line, not IsADirectoryError
+
+
 def test_mix_out_with_rank_prints_the_svd_error(tiny_sd1, sd1_files, tmp_path, capsys):
     out = tmp_path / "reduced.safetensors"
     assert (

@@ -92,6 +92,7 @@ def test_block_and_component_weights_reach_the_picture_and_the_png(tiny_sd1, sty
         (["--block-weights", "style=down.x=1"], "unknown block"),
         (["--block-weights", "style=1,2,3"], "block-weight vector"),
         (["--threads", "0"], "--threads must be at least 1"),
+        (["--height", "1000000"], "larger than 8192"),
     ],
 )
 def test_bad_flags_are_one_line_errors(tiny_sd1, style, tmp_path, capsys, extra, message):

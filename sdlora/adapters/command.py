@@ -20,7 +20,7 @@ from sdlora.adapters.metadata import (
 from sdlora.adapters.read import read_adapter_file
 from sdlora.adapters.write import save_adapter
 from sdlora.errors import SdloraError
-from sdlora.files import is_disk_full
+from sdlora.files import check_output_file, is_disk_full
 
 UNREADABLE = "(unreadable)"
 
@@ -28,7 +28,7 @@ UNREADABLE = "(unreadable)"
 def convert_command(args: argparse.Namespace) -> None:
     """Read args.input in any layout, write args.out in layout args.to, keeping the metadata."""
     out = Path(args.out)
-    _check_output(out)
+    check_output_file(out, "--out", args.overwrite)
     source = read_adapter_file(args.input)
     adapter = source.adapter
     try:
@@ -41,19 +41,6 @@ def convert_command(args: argparse.Namespace) -> None:
         f"converted {args.input} ({source.layout}) -> {written} ({args.to}): "
         f"{len(adapter.layers)} layers, family {adapter.family or 'unknown'}"
     )
-
-
-def _check_output(out: Path) -> None:
-    """Refuse an --out that cannot be a file before reading anything (the cheap, common mistakes)."""
-    if out.is_dir():
-        raise SdloraError(
-            f"--out {out} is a folder; give a file name such as {out / 'adapter.safetensors'}"
-        )
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise SdloraError(f"--out {out}: {parent} is a file, not a folder")
-            break
 
 
 def _storage_dtype(adapter: Adapter) -> torch.dtype:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from sdlora.errors import SdloraError
+from sdlora.files import check_output_file
 from sdlora.render.command import ensure_writable
 from sdlora.render.plan import adapters_from_specs
 
@@ -39,6 +40,7 @@ def mix_command(args) -> None:
         out = Path(args.out)
         if out.suffix != ".safetensors":
             raise SdloraError(f"--out {args.out!r} must end in .safetensors")
+        check_output_file(out, "--out", args.overwrite)
         ensure_writable(out.parent)
     else:
         out = Path(args.bake)

@@ -191,10 +191,15 @@ def _row_from_fields(record: dict, loras: dict, number: int, where: str) -> Prom
     return row
 
 
+MAX_SIDE = 8192  # 4x SDXL's side; larger asks for terabytes of activations, not a picture
+
+
 def check_size(width: int | None, height: int | None, where: str) -> None:
     for name, value in (("width", width), ("height", height)):
         if value is not None and (value <= 0 or value % 8):
             raise SdloraError(f"{where}: {name} {value} is not a positive multiple of 8")
+        if value is not None and value > MAX_SIDE:
+            raise SdloraError(f"{where}: {name} {value} is larger than {MAX_SIDE}")
 
 
 def _number(value, what: str, where: str) -> float:

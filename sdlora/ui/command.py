@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="127.0.0.1",
         help="address to listen on (0.0.0.0 shares the UI on the network)",
     )
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=_port, default=7860, help="TCP port (default: %(default)s)")
     parser.add_argument(
         "--auth",
         metavar="USER:PASSWORD",
@@ -65,6 +65,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="require a login from FILE: one user:password per line (several users allowed; "
         "blank lines and # comments ignored)",
     )
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port number (argparse turns the ValueError into a usage line)."""
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(text)
+    return port
 
 
 def folders_from_args(args: argparse.Namespace) -> Folders:
