@@ -154,13 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "mix is exact; fp16/bf16 halve the file and round each factor)")
     mix.set_defaults(handler=_mix)
 
-    convert = commands.add_parser("convert", help="convert an adapter between layouts")
+    convert = commands.add_parser("convert", help="convert an adapter between layouts, or write "
+                                                  "its embeddings as embedding files")
     convert.add_argument("input")
-    convert.add_argument("--to", required=True, choices=["kohya", "diffusers"])
+    convert.add_argument("--to", required=True,
+                         choices=["kohya", "diffusers", "embedding", "diffusers-embedding"],
+                         help="embedding: A1111's OUT/<name>.safetensors; diffusers-embedding: "
+                              "OUT/<name>/learned_embeds.safetensors (--out is then a folder)")
     convert.add_argument("--out", required=True)
     convert.set_defaults(handler=_convert)
 
-    info = commands.add_parser("info", help="describe an adapter file")
+    info = commands.add_parser("info", help="describe an adapter or embedding file")
     info.add_argument("adapter")
     info.set_defaults(handler=_info)
 
