@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an adapter file and its weight (default 1; negative allowed); "
                         "repeat for a mix")
     render.add_argument("--adapters-dir", help="folder that <lora:name:w> tags are resolved in")
+    render.add_argument("--embeddings-dir", metavar="DIR",
+                        help="textual-inversion embeddings (.safetensors); a file's name in the "
+                             "prompt or negative prompt calls it, as in A1111")
     render.add_argument("--block-weights", action="append", default=[], metavar="NAME=SPEC",
                         help="per-component and per-block multipliers of adapter NAME: "
                         "te=0.5,unet=1,down=0,mid=1,up.1=0.5 or an A1111 LoRA Block Weight "

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from sdlora.adapters.core import Adapter, Layer, LohaLayer, LokrLayer, LoraLayer
-from sdlora.adapters.metadata import top_tags, training_settings, trigger_words
 from sdlora.adapters.embeddings import (
     BUNDLE_PREFIX,
     Embedding,
@@ -27,6 +26,7 @@ from sdlora.adapters.embeddings import (
     read_embedding_file,
 )
 from sdlora.adapters.keys import split_key
+from sdlora.adapters.metadata import top_tags, training_settings, trigger_words
 from sdlora.adapters.read import open_safetensors, read_adapter_file
 from sdlora.adapters.write import save_adapter
 from sdlora.errors import SdloraError
