@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an adapter file and its weight (default 1; negative allowed); "
                         "repeat for a mix")
     render.add_argument("--adapters-dir", help="folder that <lora:name:w> tags are resolved in")
+    render.add_argument("--embeddings-dir", metavar="DIR",
+                        help="textual-inversion embeddings (.safetensors); a file's name in the "
+                             "prompt or negative prompt calls it, as in A1111")
     render.add_argument("--block-weights", action="append", default=[], metavar="NAME=SPEC",
                         help="per-component and per-block multipliers of adapter NAME: "
                         "te=0.5,unet=1,down=0,mid=1,up.1=0.5 or an A1111 LoRA Block Weight "
@@ -155,14 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "mix is exact; fp16/bf16 halve the file and round each factor)")
     mix.set_defaults(handler=_mix)
 
-    convert = commands.add_parser("convert", help="convert an adapter between layouts")
+    convert = commands.add_parser("convert", help="convert an adapter between layouts, or write "
+                                                  "its embeddings as embedding files")
     convert.add_argument("input")
-    convert.add_argument("--to", required=True, choices=["kohya", "diffusers"])
+    convert.add_argument("--to", required=True,
+                         choices=["kohya", "diffusers", "embedding", "diffusers-embedding"],
+                         help="embedding: A1111's OUT/<name>.safetensors; diffusers-embedding: "
+                              "OUT/<name>/learned_embeds.safetensors (--out is then a folder)")
     convert.add_argument("--out", required=True, help="the converted file (.safetensors)")
     convert.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     convert.set_defaults(handler=_convert)
 
-    info = commands.add_parser("info", help="describe an adapter file")
+    info = commands.add_parser("info", help="describe an adapter or embedding file")
     info.add_argument("adapter")
     info.set_defaults(handler=_info)
 

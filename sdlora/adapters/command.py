@@ -1,4 +1,13 @@
-"""`sdlora convert` and `sdlora info`: adapter files in, a converted file or a description out."""
+"""`sdlora convert` and `sdlora info`: adapter files in, a converted file or a description out.
+
+Embedding targets write each textual-inversion embedding of the input (those bundled in a LoRA
+file, or a standalone embedding file itself) into the folder --out:
+    --to embedding            OUT/<name>.safetensors, A1111's and kohya's layout (emb_params;
+                              SDXL clip_l, clip_g): drop it into A1111's embeddings folder or
+                              `sdlora render --embeddings-dir`, the file name is the prompt word
+    --to diffusers-embedding  OUT/<name>/learned_embeds.safetensors ({name: vectors}; SDXL
+                              clip_l, clip_g): `pipeline.load_textual_inversion("OUT/<name>")`
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,14 @@ from pathlib import Path
 import torch
 
 from sdlora.adapters.core import Adapter, Layer, LohaLayer, LokrLayer, LoraLayer
+from sdlora.adapters.embeddings import (
+    BUNDLE_PREFIX,
+    Embedding,
+    a1111_tensors,
+    diffusers_tensors,
+    read_embedding_file,
+)
+from sdlora.adapters.keys import split_key
 from sdlora.adapters.metadata import (
     CONFIG_KEY,
     TRIGGER_WORDS_KEY,
@@ -17,16 +34,20 @@ from sdlora.adapters.metadata import (
     trigger_words,
     unreadable_keys,
 )
-from sdlora.adapters.read import read_adapter_file
+from sdlora.adapters.read import open_safetensors, read_adapter_file
 from sdlora.adapters.write import save_adapter
 from sdlora.errors import SdloraError
-from sdlora.files import check_output_file, is_disk_full
+from sdlora.files import atomic_write, check_output_file, is_disk_full
 
 UNREADABLE = "(unreadable)"
+EMBEDDING_TARGETS = ("embedding", "diffusers-embedding")
 
 
 def convert_command(args: argparse.Namespace) -> None:
     """Read args.input in any layout, write args.out in layout args.to, keeping the metadata."""
+    if args.to in EMBEDDING_TARGETS:
+        _convert_embeddings(args)
+        return
     out = Path(args.out)
     check_output_file(out, "--out", args.overwrite)
     source = read_adapter_file(args.input)
@@ -41,6 +62,43 @@ def convert_command(args: argparse.Namespace) -> None:
         f"converted {args.input} ({source.layout}) -> {written} ({args.to}): "
         f"{len(adapter.layers)} layers, family {adapter.family or 'unknown'}"
     )
+    if adapter.embeddings and args.to == "diffusers":
+        print(
+            f"left out {len(adapter.embeddings)} bundled embedding(s), which diffusers cannot read "
+            "in a LoRA file; write them with --to diffusers-embedding"
+        )
+
+
+def file_embeddings(path: str | Path) -> tuple[dict[str, Embedding], bool]:
+    """(the file's embeddings by name, whether it is a LoRA file): a LoRA's bundled ones (maybe
+    none), or a standalone embedding file as its one embedding."""
+    with open_safetensors(Path(path)) as handle:
+        names = list(handle.keys())
+    if any(name.startswith(BUNDLE_PREFIX) for name in names):
+        return read_adapter_file(path).adapter.embeddings, True
+    if any(split_key(name) for name in names):
+        return {}, True
+    embedding = read_embedding_file(path)
+    return {embedding.name: embedding}, False
+
+
+def _convert_embeddings(args: argparse.Namespace) -> None:
+    from safetensors.torch import save_file
+
+    embeddings, _ = file_embeddings(args.input)
+    if not embeddings:
+        raise SdloraError(f"{args.input} is a LoRA file with no bundled embeddings")
+    out = Path(args.out)
+    if out.suffix == ".safetensors":
+        raise SdloraError(f"--to {args.to} writes into a folder; --out {out} is a file name")
+    for name, embedding in embeddings.items():
+        if args.to == "embedding":
+            path, tensors = out / f"{name}.safetensors", a1111_tensors(embedding, torch.float32)
+        else:
+            path = out / name / "learned_embeds.safetensors"
+            tensors = diffusers_tensors(embedding, torch.float32)
+        atomic_write(path, lambda temp, tensors=tensors: save_file(tensors, temp))
+        print(f"wrote {path}: {embedding.describe()}")
 
 
 def _storage_dtype(adapter: Adapter) -> torch.dtype:
@@ -57,6 +115,11 @@ def _storage_dtype(adapter: Adapter) -> torch.dtype:
 def info_command(args: argparse.Namespace) -> None:
     """Print what an adapter file is: family, layout, ranks, targets, size, training settings."""
     path = Path(args.adapter)
+    embeddings, is_lora = file_embeddings(path)
+    if not is_lora:
+        embedding = next(iter(embeddings.values()))
+        print(f"{'embedding:':<22}{embedding.describe()}")
+        return
     source = read_adapter_file(path)
     for label, value in describe(source.adapter, source.layout, path.stat().st_size):
         print(f"{label + ':':<22}{_printable(value)}")
@@ -82,6 +145,8 @@ def describe(adapter: Adapter, layout: str, file_size: int) -> list[tuple[str, s
         ("parameters", f"{adapter.num_parameters:,}"),
         ("file size", _size(file_size)),
     ]
+    if adapter.embeddings:
+        lines.append(("embeddings", "; ".join(e.describe() for e in adapter.embeddings.values())))
     unreadable = unreadable_keys(adapter.metadata)
     words = ", ".join(trigger_words(adapter.metadata))
     if not words and TRIGGER_WORDS_KEY in unreadable:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sdlora.adapters.embeddings import Embedding
+
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
@@ -99,6 +101,8 @@ class Adapter:
     layers: dict[str, Layer]
     family: str | None = None  # "sd1", "sd2", "sdxl", or None when the file does not tell
     metadata: dict[str, str] = field(default_factory=dict)
+    # textual-inversion embeddings bundled with the layers (pivotal tuning), by prompt word
+    embeddings: dict[str, Embedding] = field(default_factory=dict)
 
     def component_layers(self, component: str) -> dict[str, Layer]:
         """Layers of one component, keyed by the module name inside that component."""

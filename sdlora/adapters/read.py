@@ -1,6 +1,7 @@
 """Read an adapter file in any common layout into the normalized `Adapter`, and fit it to a base.
 
-    file.safetensors -> (key, tensor) pairs -> grouped by module (keys.split_key)
+    file.safetensors -> (key, tensor) pairs -> grouped by module (keys.split_key); bundled
+        textual-inversion embeddings (`bundle_emb.*`) -> adapter.embeddings
         -> module paths in diffusers names (keys.module_key_to_path)
         -> LoraLayer / LohaLayer / LokrLayer per module -> family from metadata, keys or widths
     Adapter + pipeline -> match_to_base -> MatchReport (or an error naming what does not fit)
@@ -25,6 +26,7 @@ import torch
 from sdlora.adapters import keys
 from sdlora.adapters.build import LayerTensors, build_layer, check_tensor, metadata_alpha
 from sdlora.adapters.core import COMPONENTS, Adapter, Layer, LoraLayer
+from sdlora.adapters.embeddings import BUNDLE_PREFIX, split_bundle
 from sdlora.adapters.metadata import family_from_metadata, family_from_model_name
 from sdlora.errors import SdloraError
 from sdlora.files import PICKLE_SUFFIXES
@@ -55,9 +57,10 @@ def load_adapter(path: str | Path, name: str | None = None) -> Adapter:
 def read_adapter_file(path: str | Path, name: str | None = None) -> AdapterFile:
     """Read `path` and also tell its layout and the keys that hold no LoRA weights."""
     path = Path(path)
-    with _open_safetensors(path) as handle:
+    with open_safetensors(path) as handle:
         metadata = dict(handle.metadata() or {})
-        grouped, ignored = _group_keys(handle.keys())
+        bundled = [key for key in handle.keys() if key.startswith(BUNDLE_PREFIX)]
+        grouped, ignored = _group_keys([key for key in handle.keys() if key not in bundled])
         if not grouped:
             example = next(iter(handle.keys()), "none")
             raise SdloraError(
@@ -73,6 +76,7 @@ def read_adapter_file(path: str | Path, name: str | None = None) -> AdapterFile:
             )
             for layer_path, names in grouped.items()
         }
+        embeddings = split_bundle({key: handle.get_tensor(key) for key in bundled}, str(path))
     try:
         peft_alphas = _PeftAlphas(metadata.get(PEFT_CONFIG_KEY))
         layers = {
@@ -94,6 +98,7 @@ def read_adapter_file(path: str | Path, name: str | None = None) -> AdapterFile:
         layers=layers,
         family=detect_family(layers, metadata, file_keys),
         metadata=metadata,
+        embeddings=embeddings,
     )
     return AdapterFile(adapter=adapter, layout=layout, ignored_keys=ignored)
 
@@ -128,17 +133,18 @@ def _group_keys(names: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]
 
 
 @contextmanager
-def _open_safetensors(path: Path):
-    """safe_open, with pickle files refused by name and damaged files as one-line errors."""
+def open_safetensors(path: Path, kind: str = "adapter"):
+    """safe_open, with pickle files refused by name and damaged files as one-line errors;
+    `kind` names the file in them ("adapter", "embedding")."""
     from safetensors import SafetensorError, safe_open
 
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise SdloraError(
             f"{path} is a pickle file, which sdlora never opens (unpickling can run code); "
-            "use the .safetensors version of this adapter"
+            f"use the .safetensors version of this {kind}"
         )
     if not path.is_file():
-        raise SdloraError(f"adapter file not found: {path}")
+        raise SdloraError(f"{kind} file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             yield handle

@@ -11,6 +11,10 @@
                computes the same update; the original alpha is kept in metadata
                (sdlora.folded_alpha) so reading the file back restores it. LoRA layers only.
 
+Bundled textual-inversion embeddings (adapter.embeddings) go into the kohya layout as A1111 reads
+them from a LoRA file: bundle_emb.<name>.string_to_param.*, SDXL bundle_emb.<name>.clip_l/clip_g.
+diffusers' load_lora_weights refuses any file with such keys, so the diffusers layout leaves
+them out (sdlora.adapters.command writes them as embedding files of their own).
 Text-encoder modules are always named with "text_model." (as every tool expects), whichever
 spelling the adapter's paths use (see keys.canonical_path).
 The file appears atomically: it is written to a temporary file beside the target and renamed,
@@ -27,6 +31,7 @@ import torch
 
 from sdlora.adapters import keys
 from sdlora.adapters.core import Adapter, Layer, LohaLayer, LokrLayer, LoraLayer
+from sdlora.adapters.embeddings import bundle_tensors
 from sdlora.adapters.metadata import FAMILY_KEY
 from sdlora.adapters.read import FOLDED_ALPHA_KEY, PEFT_CONFIG_KEY
 from sdlora.errors import SdloraError
@@ -61,6 +66,7 @@ def save_adapter(
         merged[FAMILY_KEY] = adapter.family
     if layout == "kohya":
         tensors = kohya_state_dict(adapter, dtype)
+        tensors.update(bundle_tensors(adapter.embeddings, dtype))
     else:
         tensors, folded_alpha = diffusers_state_dict(adapter, dtype)
         merged[FOLDED_ALPHA_KEY] = folded_alpha

@@ -48,7 +48,7 @@ def render_command(args) -> None:
 
     from sdlora.render.session import GenerationSession
 
-    session = GenerationSession(args.base, state.device)
+    session = GenerationSession(args.base, state.device, embeddings_dir=args.embeddings_dir)
     session.use_adapters(plan.adapter_files)
     shard = plan.jobs[state.process_index :: state.num_processes]
     written = 0

@@ -86,6 +86,8 @@ def plan_render(args, random_seed: int = 0) -> RenderPlan:
         raise SdloraError("--batch and --steps must be at least 1")
     if args.seed == -1:
         args.seed = random_seed
+    if args.embeddings_dir and not Path(args.embeddings_dir).is_dir():
+        raise SdloraError(f"--embeddings-dir {args.embeddings_dir!r} is not a folder")
     adapter_files, weights = adapters_from_specs(args.lora)
     from_png: dict = {}
     if args.prompts and Path(args.prompts).suffix.lower() == ".png":

@@ -67,6 +67,10 @@ def a1111_parameters(record: dict, sampler, model_name: str) -> str:
             f"{_alias(name)}: {record['lora_files'][name]['hash']}" for name in loras
         )
         or None,
+        "TI hashes": ", ".join(
+            f"{name}: {entry['hash']}" for name, entry in record.get("embeddings", {}).items()
+        )
+        or None,
         "Version": f"sdlora {record['version']}",
     }
     line = ", ".join(

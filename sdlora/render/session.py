@@ -7,7 +7,8 @@
          "is this existing file the picture I was asked for?" compares (`same_picture`)
       -> GenerationSession.generate(request): under the session's lock, the mix is fused into
          the weights (a pure function of the mix: the same bits whatever was rendered before),
-         the scheduler built, the prompt encoded, and the picture drawn with a CPU generator
+         the scheduler built, the textual-inversion embeddings the prompts name loaded (only
+         those: sdlora.render.embeddings), the prompt encoded, and the picture drawn with a CPU generator
          seeded by the request's seed (the same noise on any device)
       -> RenderedImage: the PIL image, its record and its A1111 infotext; `write_image` saves it
 
@@ -26,6 +27,7 @@ import torch
 import sdlora
 from sdlora.errors import SdloraError
 from sdlora.render.defaults import DEFAULT_CFG, DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_CLIP_SKIP
+from sdlora.render.embeddings import SessionEmbeddings
 from sdlora.render.init_images import InitImage, check_image_options, init_output_size
 from sdlora.render.pipelines import Hires, generate_image
 from sdlora.render.png import a1111_parameters, file_sha256, lora_hash, model_hash, write_png
@@ -111,18 +113,21 @@ def _decisive(record: dict) -> dict:
     for key in ("init_image", "mask"):
         if isinstance(decisive.get(key), dict):
             decisive[key] = decisive[key].get("hash")
-    if isinstance(decisive.get("lora_files"), dict):
-        decisive["lora_files"] = {
-            name: entry.get("hash") if isinstance(entry, dict) else entry
-            for name, entry in decisive["lora_files"].items()
-        }
+    for key in ("lora_files", "embeddings"):
+        if isinstance(decisive.get(key), dict):
+            decisive[key] = {
+                name: entry.get("hash") if isinstance(entry, dict) else entry
+                for name, entry in decisive[key].items()
+            }
     return decisive
 
 
 class GenerationSession:
-    """A loaded base and its Mixer; generates one request at a time (`lock`)."""
+    """A loaded base and its Mixer; generates one request at a time (`lock`).
+    `embeddings_dir`: A1111's embeddings folder (see sdlora.render.embeddings)."""
 
-    def __init__(self, source: str, device: torch.device | None = None):
+    def __init__(self, source: str, device: torch.device | None = None,
+                 embeddings_dir: str | Path | None = None):
         import diffusers
         import transformers
 
@@ -140,6 +145,7 @@ class GenerationSession:
         self.pipeline.set_progress_bar_config(disable=True)
         self.scheduler_config = self.pipeline.scheduler.config
         self.mixer = Mixer(self.pipeline)
+        self.embeddings = SessionEmbeddings(self.pipeline, embeddings_dir)
         self.model_hash = model_hash(source)
         path = Path(source.rstrip("/\\"))
         self.model_name = path.stem if path.is_file() else path.name
@@ -168,6 +174,7 @@ class GenerationSession:
                 self.mixer.add(adapter, 0.0)
                 self.adapter_files[name] = (path, stamp)
                 self.lora_hashes[name] = lora_hash(path)
+                self.embeddings.set_bundled(name, path, adapter.embeddings, self.lora_hashes[name])
 
     # -- one picture -------------------------------------------------------------------------
 
@@ -211,6 +218,9 @@ class GenerationSession:
             },
             **place,
         }
+        used = self.embeddings.used(request.prompt, request.negative, list(loras))
+        if used:  # only then: records made before embeddings existed stay the same pictures
+            record["embeddings"] = {name: item.record() for name, item in used.items()}
         return record
 
     def generate(
@@ -224,9 +234,14 @@ class GenerationSession:
             self._apply_mix(request)
             self.pipeline.scheduler = build_scheduler(request.scheduler, self.scheduler_config)
             generator = torch.Generator("cpu").manual_seed(request.seed)
+            used = self.embeddings.used(request.prompt, request.negative, list(request.active_loras))
+            self.embeddings.activate(used)
             with torch.inference_mode():
                 conditioning = encode_prompts(
-                    self.pipeline, request.prompt, request.negative, request.clip_skip
+                    self.pipeline,
+                    self.embeddings.rewrite(request.prompt, used),
+                    self.embeddings.rewrite(request.negative, used),
+                    request.clip_skip,
                 )
                 hires = None
                 if request.hires_scale:

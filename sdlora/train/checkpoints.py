@@ -63,6 +63,8 @@ def deciding_config(config) -> dict:
     for section in DECIDING_SECTIONS:
         deciding[section] = {key: value for key, value in raw[section].items()
                              if key not in NOT_DECIDING.get(section, ())}
+    if raw["embeddings"]["tokens"]:  # only then: checkpoints of runs without them still resume
+        deciding["embeddings"] = raw["embeddings"]
     return deciding
 
 

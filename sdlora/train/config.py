@@ -81,6 +81,17 @@ class TrainConfig:
 
 
 @dataclass
+class EmbeddingsConfig:
+    """New prompt words trained with the LoRA (sdlora.train.embeddings)."""
+
+    tokens: list[str] = field(default_factory=list)  # e.g. ["<s1>"]; none: no embeddings
+    init: list[str] = field(default_factory=list)  # per token: a word or "random"; none: random
+    num_vectors: int = 1
+    learning_rate: float = 5.0e-4
+    pivot_steps: int = 0  # > 0: train the words alone first, then freeze them for the LoRA
+
+
+@dataclass
 class ValidationConfig:
     prompts: list[str] = field(default_factory=list)
     every: int = 0  # steps between validation grids; 0 turns validation off
@@ -111,6 +122,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -303,6 +315,7 @@ def validate(config: Config) -> None:
         raise SdloraError("validation.every and checkpoint.every must be >= 0, checkpoint.keep >= 1")
     if config.validation.every and not config.validation.prompts:
         raise SdloraError("validation.every is set but validation.prompts is empty")
+    _validate_embeddings(config)
     _choice("output.format", config.output.format, ("kohya", "diffusers"))
     _choice("output.dtype", config.output.dtype, ("fp16", "bf16", "fp32"))
     for section, key in (*PATH_KEYS, ("", "base")):
@@ -312,6 +325,24 @@ def validate(config: Config) -> None:
     name = config.output.name
     if not name or name in (".", "..") or any(c in name for c in ("/", "\\", os.sep, "\0")):
         raise SdloraError(f"output.name must be a plain file name (no / \\ or NUL), got {name!r}")
+
+
+def _validate_embeddings(config: Config) -> None:
+    embeddings = config.embeddings
+    if not embeddings.tokens:
+        return
+    if embeddings.init and len(embeddings.init) != len(embeddings.tokens):
+        raise SdloraError("embeddings.init needs one entry (a word or 'random') per token")
+    if len(set(embeddings.tokens)) != len(embeddings.tokens):
+        raise SdloraError("embeddings.tokens has a token twice")
+    if embeddings.num_vectors < 1 or embeddings.learning_rate <= 0:
+        raise SdloraError("embeddings.num_vectors must be at least 1 and learning_rate positive")
+    if not 0 <= embeddings.pivot_steps <= config.train.steps:
+        raise SdloraError(f"embeddings.pivot_steps must be 0 to train.steps, "
+                          f"got {embeddings.pivot_steps}")
+    if config.output.format != "kohya":
+        raise SdloraError("embeddings are bundled in the adapter file, which only output.format: "
+                          "kohya can hold (diffusers' LoRA loader refuses them)")
 
 
 # Keys whose value is a local path: the adapter's metadata records them portably.

@@ -1,6 +1,7 @@
 """The training loop, top to bottom: one loop for every family.
 
-    images -> dataset -> cached latents / text embeddings -> noise + timestep -> UNet with LoRA
+    images -> dataset -> cached latents / text embeddings (none with new words:
+    sdlora.train.embeddings) -> noise + timestep -> UNet with LoRA
     -> loss (epsilon or v, min-SNR, prior preservation) -> optimizer step -> checkpoints
     -> {output.dir}/{output.name}.safetensors
 
@@ -34,6 +35,7 @@ from sdlora.train.conditioning import encode_text, unet_conditioning
 from sdlora.train.config import Config
 from sdlora.train.cpu_tuning import tuned_for_cpu
 from sdlora.train.data import TrainingData
+from sdlora.train.embeddings import TokenTraining
 from sdlora.train.lora import (
     TEXT_ATTENTION,
     TEXT_ATTENTION_AND_MLP,
@@ -140,15 +142,21 @@ def _train(config: Config, accelerator: Accelerator, output: OutputWriter, resum
     elif config.train.recompute_feed_forward:
         recompute_feed_forwards(unet)
 
+    # new prompt words: the text encoders then run every step (no text cache)
+    new_words = TokenTraining(config.embeddings, family.text_encoders, tokenizers, text_encoders,
+                              config.train.seed) if config.embeddings.tokens else None
+
     # --- caches: the VAE encoder and a frozen text encoder leave the step ----------------------
     def embed(captions: list[str]):
+        if new_words is not None:
+            captions = new_words.expand(captions)
         return encode_text(captions, tokenizers, text_encoders, device, config.train.clip_skip)
 
     latents = None
     if config.data.cache_latents != "none":
         latents = LatentCache(vae, data.dataset, config.data.cache_latents,
                               output.dir / "cache" / "latents", show_progress=main)
-    text_cache = None if lora.text_encoder else TextCache(embed)
+    text_cache = None if lora.text_encoder or new_words else TextCache(embed)
     validator = output.validator(pipeline, text_cache.batch if text_cache else embed,
                                  resolution) if main else None
     if latents is not None and validator is None:
@@ -163,8 +171,9 @@ def _train(config: Config, accelerator: Accelerator, output: OutputWriter, resum
         text_encoders.clear()
 
     # --- optimizer, schedule, resume -----------------------------------------------------------
-    optimizer = make_optimizer(config, parameter_groups(
-        trained, config.train.learning_rate, lora.text_encoder_lr, lora.loraplus_ratio))
+    groups = parameter_groups(trained, config.train.learning_rate, lora.text_encoder_lr,
+                              lora.loraplus_ratio)
+    optimizer = make_optimizer(config, groups + ([new_words.param_group()] if new_words else []))
     from diffusers.optimization import get_scheduler
 
     lr_schedule = get_scheduler(config.train.lr_scheduler, optimizer,
@@ -173,6 +182,8 @@ def _train(config: Config, accelerator: Accelerator, output: OutputWriter, resum
     start_step = 0
     if resumed:
         start_step = load_training_state(*resumed, trained, optimizer, lr_schedule)
+        if new_words is not None:
+            new_words.load(resumed[1]["embeddings"])
     prepared = accelerator.prepare(*trained.values(), optimizer)
     models = dict(zip(trained, prepared[:-1]))
     optimizer = prepared[-1]
@@ -180,11 +191,14 @@ def _train(config: Config, accelerator: Accelerator, output: OutputWriter, resum
     def training_state() -> dict:
         return {"lora": {name: {k: v.detach().cpu() for k, v in lora_parameters(
                     accelerator.unwrap_model(model)).items()} for name, model in models.items()},
-                "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict()}
+                "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+                **({"embeddings": new_words.state()} if new_words else {})}
 
     def current_adapter():
         unwrapped = {name: accelerator.unwrap_model(m) for name, m in models.items()}
-        return export_adapter(unwrapped, config.output.name, family.name)
+        adapter = export_adapter(unwrapped, config.output.name, family.name)
+        adapter.embeddings = new_words.export() if new_words else {}
+        return adapter
 
     # --- the loss of one micro-batch -----------------------------------------------------------
     def batch_latents(indices: list[int], paired: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -239,6 +253,8 @@ def _train(config: Config, accelerator: Accelerator, output: OutputWriter, resum
 
     def accumulate_gradients(step: int) -> torch.Tensor:
         """Forward and backward over the micro-batches of one optimizer step; the last loss."""
+        if new_words is not None:
+            new_words.set_phase(step, [p for g in groups for p in g["params"]])
         for micro in range(accumulation):
             global_index = (step * accumulation + micro) * accelerator.num_processes \
                 + accelerator.process_index
