@@ -22,9 +22,8 @@ k % 3 of up block k // 3 (the upsampler rides with layer 2, as in the LDM layout
 
 from __future__ import annotations
 
-import math
-
 from sdlora.errors import SdloraError
+from sdlora.numbers import finite_number
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 UNET_BLOCKS = ("down", "mid", "up")
@@ -131,10 +130,7 @@ def _ldm_block_key(block: str) -> str:
 
 
 def _number(text: str, where: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
+    value = finite_number(text)
+    if value is None:
         raise SdloraError(f"{where}: weight {text.strip()!r} is not a finite number")
     return value

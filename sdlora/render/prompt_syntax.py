@@ -24,11 +24,11 @@ encodes the word "BREAK" at a negative weight, which no one means).
 
 from __future__ import annotations
 
-import math
 import re
 from typing import NamedTuple
 
 from sdlora.errors import SdloraError
+from sdlora.numbers import finite_number, is_number
 
 ROUND_FACTOR = 1.1  # (word)
 SQUARE_FACTOR = 1 / 1.1  # [word]
@@ -132,14 +132,6 @@ def _weight(number: str, where: str) -> float:
         raise SdloraError(f"weight {number.strip()!r} in {where!r} is not a number") from None
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def strip_extra_network_tags(text: str) -> str:
     """The text without its `<kind:...>` tags, whitespace runs collapsed to one space."""
     return " ".join(EXTRA_NETWORK_TAG.sub(" ", text).split())
@@ -169,11 +161,8 @@ def parse_lora_tag(tag: str, kind: str, arguments: str, where: str) -> tuple[str
         )
 
     def number(value: str, what: str) -> float:
-        try:
-            result = float(value)
-        except ValueError:
-            result = math.nan
-        if not math.isfinite(result):
+        result = finite_number(value)
+        if result is None:
             raise SdloraError(f"{where}: in {tag!r}, the {what} {value.strip()!r} is not a number")
         return result
 
@@ -218,7 +207,7 @@ def check_prompt_syntax(text: str, where: str) -> None:
             )
     for match in _WEIGHTED_GROUP.finditer(plain):
         weight = text[match.start(2):match.end(2)]
-        if not (_A1111_NUMBER.fullmatch(weight) and _is_number(weight)):
+        if not (_A1111_NUMBER.fullmatch(weight) and is_number(weight)):
             raise SdloraError(
                 f"{where}: weight {weight.strip()!r} in {text[match.start():match.end()]!r} is not "
                 "a number (A1111 reads only plain decimals like 1.2)"

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from sdlora.errors import SdloraError
+from sdlora.numbers import is_number
 
 TARGET_PRESETS = ("attention", "transformer", "full")
 MAX_CLIP_SKIP = 12  # CLIP ViT-L's layers; a smaller test encoder is checked when the base loads
@@ -222,7 +223,7 @@ def _coerce(value, hint, key: str):
                 return value
         elif option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return _finite(float(value), key)
-        elif option is float and isinstance(value, str) and _is_number(value):
+        elif option is float and isinstance(value, str) and is_number(value):
             return _finite(float(value), key)  # YAML reads 1e-4 (no dot) as a string
         elif option in (int, str, bool) and _is_exactly(value, option):
             return value
@@ -243,14 +244,6 @@ def _finite(value: float, key: str) -> float:
 def _is_exactly(value, option) -> bool:
     """isinstance, except that True is not an int here."""
     return isinstance(value, option) and (option is bool or not isinstance(value, bool))
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _choice(key: str, value: str, options) -> None:
