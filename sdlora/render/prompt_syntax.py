@@ -182,7 +182,7 @@ def parse_lora_tag(tag: str, kind: str, arguments: str, where: str) -> tuple[str
             raise SdloraError(f"{where}: in {tag!r}, the {what} {value.strip()!r} is not a number")
         return result
 
-    if len(positional) == 2 and not named and not _is_number(positional[1]):
+    if len(positional) == 2 and not named and ("@" in positional[1] or "~" in positional[1]):
         # one weight that is not a plain number: a schedule, W@S-E or W~W2 (mix.schedules)
         weight, schedule = parse_weight_text(positional[1], f"{where}: in {tag!r}")
         return name, LoraTag(weight, None, schedule)
