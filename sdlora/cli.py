@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="per-component and per-block multipliers of adapter NAME: "
                         "te=0.5,unet=1,down=0,mid=1,up.1=0.5 or an A1111 LoRA Block Weight "
                         "vector (17/26 values for SD1, 12/20 for SDXL)")
+    render.add_argument("--mix-mode", default="add", metavar="add|orthogonal",
+                        help="how the adapters' updates combine: add (the sum, as A1111) or "
+                        "orthogonal (what two adapters share counts once); sdlora.mix.modes")
     prompts = render.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action=_Once, help="one prompt (A1111 syntax, <lora:> tags)")
     prompts.add_argument("--prompts", action=_Once,
@@ -153,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     target.add_argument("--bake", metavar="DIR", help="write the base with the mix fused in")
     mix.add_argument("--rank", type=int, help="SVD-reduce the mixed adapter to this rank")
+    mix.add_argument("--mix-mode", default="add", metavar="add|orthogonal",
+                     help="how the adapters' updates combine (see render --mix-mode)")
     mix.add_argument("--save-precision", choices=("fp32", "fp16", "bf16"),
                      help="tensor precision of the --out adapter (default fp32: the concatenated "
                           "mix is exact; fp16/bf16 halve the file and round each factor)")

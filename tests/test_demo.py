@@ -112,3 +112,28 @@ def test_a_base_that_draws_wrong_is_a_clear_error_and_writes_no_samples(tmp_path
     with pytest.raises(SdloraError, match="drew only 0 of 10 prompts as told; retrain it"):
         demo.make_style_samples(tmp_path, count=1)
     assert not any(tmp_path.iterdir())
+
+
+def test_orthogonal_mix_and_late_stripes_keep_more_content_than_adding(mixed):
+    """Both styles at 1.0: `orthogonal` reads the prompt in at least as many images as `add`
+    while each style keeps most of its move alone; stripes on the late half of the steps only
+    keep more content than stripes at every step (bench/mix_interference.py has the numbers)."""
+    pipeline, mixer, base_images = mixed
+    both = {"sepia": 1.0, "stripes": 1.0}
+    alone = {style: demo.render(pipeline, mixer, {style: 1.0}, COMBOS, SEEDS)
+             for style in demo.STYLES}
+    added = demo.render(pipeline, mixer, both, COMBOS, SEEDS)
+    mixer.set_mode("orthogonal")
+    try:
+        orthogonal = demo.render(pipeline, mixer, both, COMBOS, SEEDS)
+    finally:
+        mixer.set_mode("add")
+
+    def right(images) -> int:
+        return sum(demo_base.measure(i).matches(*c) for i, c in zip(images, COMBOS))
+
+    assert right(orthogonal) >= right(added)
+    for style in demo.STYLES:
+        statistic = STATISTICS[style]
+        solo = mean(statistic, alone[style]) - mean(statistic, base_images)
+        assert (mean(statistic, orthogonal) - mean(statistic, base_images)) / solo >= 0.6, style

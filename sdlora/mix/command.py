@@ -1,6 +1,7 @@
 """`sdlora mix`: a weighted mix of adapter files -> one adapter file, or a baked base model.
 
-    --lora PATH[:WEIGHT] ... -> Mixer on the base (weights fused) ->
+    --lora PATH[:WEIGHT] ... [--mix-mode add|orthogonal] -> Mixer on the base (weights fused,
+        combined by the mode, sdlora.mix.modes) ->
         --out FILE [--rank R] [--save-precision fp32|fp16|bf16]
                                the mix as one kohya-layout adapter: ranks concatenated (exact:
                                base + its delta equals the fused mix to float32 rounding, when
@@ -30,8 +31,10 @@ SAVE_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.b
 def mix_command(args) -> None:
     from sdlora.base.models import load_base
     from sdlora.mix.mixer import Mixer
+    from sdlora.mix.modes import check_mix_mode
 
     files, weights = adapters_from_specs(args.lora)
+    mode = check_mix_mode(args.mix_mode)
     if args.rank is not None and (args.out is None or args.rank < 1):
         raise SdloraError("--rank takes a positive number and goes with --out")
     if args.save_precision is not None and args.out is None:
@@ -49,11 +52,11 @@ def mix_command(args) -> None:
         ensure_writable(out)
 
     base = load_base(args.base)
-    mixer = Mixer(base.pipeline)
+    mixer = Mixer(base.pipeline, mode=mode)
     load_into_mixer(mixer, files, weights)
     if args.bake is not None:
         mixer.bake(out)
-        print(f"baked {_describe(weights)} into {out}", file=sys.stderr)
+        print(f"baked {_describe(weights)} ({mode}) into {out}", file=sys.stderr)
         return
 
     from sdlora.adapters.write import save_adapter
@@ -63,7 +66,7 @@ def mix_command(args) -> None:
     ranks = sorted({layer.rank for layer in adapter.layers.values()})
     rank_text = f"rank {ranks[-1]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
     print(
-        f"wrote {out}: {_describe(weights)}, {len(adapter.layers)} layers, {rank_text}",
+        f"wrote {out}: {_describe(weights)} ({mode}), {len(adapter.layers)} layers, {rank_text}",
         file=sys.stderr,
     )
     if args.rank is not None:

@@ -1,5 +1,8 @@
 """One fused module: W = W_base + sum_i c_i * delta_i, recomputed from a kept base copy.
 
+c_i is adapter i's coefficient as the mix mode combines it (sdlora.mix.modes; in `add`, its
+coefficient as set).
+
 The weight is always recomputed from the base copy by the same steps, never nudged by the change
 (W += (c_new - c_old) * delta): nudges round differently depending on the changes before, so the
 image would depend on the slider's history. Recomputed, the weights are a pure function of the
@@ -38,21 +41,27 @@ class FusedModule:
         self.weight = weight
         self.users: set[str] = set()  # loaded adapters with a layer on this module
         self.contributions: dict[str, float] = {}  # adapter -> coefficient, zeros left out
+        self.fused: dict[str, float] = {}  # adapter -> coefficient as fused (the mode's)
+        self.gram: dict[tuple[str, str], float] = {}  # (a, b) -> <delta_a, delta_b>
         self.base: torch.Tensor | None = None  # made when something is first fused
         self._device_layers: dict[str, Layer] = {}  # adapter -> its layer in fp32 on device
 
     def forget(self, name: str) -> None:
-        """Drop adapter `name`'s device copy (after its contribution went to 0)."""
+        """Drop adapter `name`'s device copy and inner products (after its contribution went
+        to 0)."""
         self._device_layers.pop(name, None)
+        self.gram = {pair: value for pair, value in self.gram.items() if name not in pair}
 
     @torch.no_grad()
-    def refuse(self, layers: Mapping[str, Layer]) -> None:
-        """Set the weight to base + sum of coefficient * delta over `contributions`.
+    def refuse(self, layers: Mapping[str, Layer], coefficients: Mapping[str, float]) -> None:
+        """Set the weight to base + sum of coefficient * delta over `coefficients` (adapter ->
+        coefficient as fused), and remember them as `fused`.
 
         `layers` maps each contributing adapter to its layer on this module.
         """
+        self.fused = dict(coefficients)
         weight = self.weight.data
-        if not self.contributions:
+        if not self.fused:
             if self.base is not None:
                 weight.copy_(self.base)
             return
@@ -83,8 +92,8 @@ class FusedModule:
         rows = self.weight.shape[0]
         columns = self.weight.numel() // rows
         ups, downs, dense = [], [], []
-        for name in sorted(self.contributions):
-            coefficient = self.contributions[name]
+        for name in sorted(self.fused):
+            coefficient = self.fused[name]
             layer = self._on_device(name, layers[name])
             if isinstance(layer, LoraLayer):
                 ups.append(layer.up.flatten(1) * (coefficient * layer.scale))

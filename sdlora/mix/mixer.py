@@ -4,6 +4,9 @@ Flow: `Adapter`s (LoRA factors on the CPU) -> `Mixer.add` resolves each layer to
 weights are set (per adapter, optionally per component and per UNet block) -> every touched
 module holds W = W_base + sum_i c_i * delta_i, where c_i is adapter i's effective weight there.
 
+How the updates on one module combine is the mixer's mode (sdlora.mix.modes): `add`, the sum
+every other tool computes, or `orthogonal`, which counts the part two updates share once.
+
 Because the mix lives in the module weights, a generation costs exactly what the base costs.
 A change re-fuses only the modules whose coefficient it changes, each once, from the module's
 base copy (see fuse.py): the weights are a pure function of the mix, bit for bit what a fresh
@@ -33,6 +36,13 @@ from sdlora.base.models import describe_pipeline
 from sdlora.errors import SdloraError
 from sdlora.mix.block_weights import check_block_key
 from sdlora.mix.fuse import FusedModule
+from sdlora.mix.modes import (
+    DEFAULT_MIX_MODE,
+    MixMode,
+    check_mix_mode,
+    inner_product,
+    mixed_coefficients,
+)
 
 
 @dataclass
@@ -55,11 +65,17 @@ class _Entry:
     weight: float = 0.0
     component_weights: dict[str, float] = field(default_factory=dict)
     block_weights: dict[str, float] = field(default_factory=dict)
+    # the UNet's weight at the current denoising step when a schedule moves it (None: weight)
+    step_weight: float | None = None
 
     def coefficient(self, path: str) -> float:
-        """Effective weight on one module: weight x component weight x UNet block weight."""
+        """Effective weight on one module: weight (the step's weight on the UNet, when one is
+        set) x component weight x UNet block weight."""
         component, module_name = split_path(path)
-        factor = self.weight * self.component_weights.get(component, 1.0)
+        weight = self.weight
+        if component == "unet" and self.step_weight is not None:
+            weight = self.step_weight
+        factor = weight * self.component_weights.get(component, 1.0)
         if component == "unet" and self.block_weights:
             for key in _block_keys(module_name):
                 if key in self.block_weights:
@@ -102,12 +118,13 @@ class Mixer:
     """Adapters fused into `pipeline`'s UNet and text encoders; the weights a pure function of
     the mix."""
 
-    def __init__(self, pipeline):
+    def __init__(self, pipeline, mode: MixMode = DEFAULT_MIX_MODE):
         self.pipeline = pipeline
         self.family = describe_pipeline(pipeline).family.name
         self.lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
         self._modules: dict[str, FusedModule] = {}
+        self._mode = check_mix_mode(mode)
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -162,6 +179,21 @@ class Mixer:
                 entries[name].weight = new[name]
             self._apply(changed)
 
+    def set_step_weights(self, weights: Mapping[str, float | None]) -> None:
+        """Set adapters' UNet weights for the coming denoising step (None: back to the global
+        weight), for weight schedules (sdlora.mix.schedules): only the UNet modules of the
+        adapters whose step weight changes are re-fused, so a step costs their modules only."""
+        with self.lock:
+            new = {
+                name: None if weight is None else _finite(weight, f"step weight of {name!r}")
+                for name, weight in weights.items()
+            }
+            entries = {name: self._entry(name) for name in new}
+            changed = [name for name, weight in new.items() if weight != entries[name].step_weight]
+            for name in changed:
+                entries[name].step_weight = new[name]
+            self._apply(changed)
+
     def set_component_weights(self, name: str, weights: Mapping[str, float]) -> None:
         """Multipliers per component ("unet", "text_encoder", "text_encoder_2"); default 1."""
         unknown = sorted(set(weights) - set(COMPONENTS))
@@ -187,6 +219,19 @@ class Mixer:
                 key: _finite(value, f"{key} weight of {name!r}") for key, value in weights.items()
             }
             self._apply([name])
+
+    def set_mode(self, mode: MixMode) -> None:
+        """Combine the adapters' updates by `mode` (sdlora.mix.modes) from now on; only modules
+        that several adapters touch can change, and are re-fused once."""
+        with self.lock:
+            mode = check_mix_mode(mode)
+            if mode != self._mode:
+                self._mode = mode
+                self._refuse([path for path, m in self._modules.items() if len(m.contributions) > 1])
+
+    @property
+    def mode(self) -> MixMode:
+        return self._mode
 
     @contextlib.contextmanager
     def using(self, weights: Mapping[str, float]) -> Iterator[Mixer]:
@@ -226,11 +271,11 @@ class Mixer:
             layers = {}
             kept_squared = dropped_squared = 0.0
             for path, module in self._modules.items():
-                if not module.contributions:
+                if not module.fused:
                     continue
                 terms = [
                     (self._entries[adapter].layers[path], coefficient)
-                    for adapter, coefficient in module.contributions.items()
+                    for adapter, coefficient in module.fused.items()
                 ]
                 up, down, kept, dropped = _merge_module(terms, rank)
                 layers[path] = _shaped_layer(up, down, tuple(module.weight.shape))
@@ -238,7 +283,10 @@ class Mixer:
                 dropped_squared += dropped
             total = kept_squared + dropped_squared
             error = math.sqrt(dropped_squared / total) if total > 0 else 0.0
-            metadata = {"sdlora.mix.mixer": json.dumps(self._mix_description(), sort_keys=True)}
+            metadata = {
+                "sdlora.mix.mixer": json.dumps(self._mix_description(), sort_keys=True),
+                "sdlora.mix.mode": self._mode,
+            }
             return Adapter(name=name, layers=layers, family=self.family, metadata=metadata), error
 
     # -- internals -------------------------------------------------------------------------
@@ -272,9 +320,19 @@ class Mixer:
                     else:
                         module.contributions[name] = coefficient
                     changed.add(path)
-        for path in changed:
+        self._refuse(changed)
+
+    def _refuse(self, paths: Iterable[str]) -> None:
+        """Re-fuse each module of `paths` with its contributions as the mode combines them."""
+        for path in paths:
             module = self._modules[path]
-            module.refuse({name: self._entries[name].layers[path] for name in module.contributions})
+            layers = {name: self._entries[name].layers[path] for name in module.contributions}
+            if self._mode != "add":
+                for first in layers:
+                    for second in layers:
+                        if (first, second) not in module.gram:
+                            module.gram[first, second] = inner_product(layers[first], layers[second])
+            module.refuse(layers, mixed_coefficients(self._mode, module.contributions, module.gram))
 
     def _describe(self, name: str) -> MixedAdapter:
         entry = self._entries[name]
@@ -293,6 +351,7 @@ class Mixer:
                 "weight": entry.weight,
                 "components": entry.component_weights,
                 "blocks": entry.block_weights,
+                **({"step_weight": entry.step_weight} if entry.step_weight is not None else {}),
             }
             for name, entry in self._entries.items()
             if entry.weight != 0.0

@@ -26,7 +26,9 @@ Choices, following AUTOMATIC1111 where it has one:
 
 from __future__ import annotations
 
+import functools
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +61,7 @@ def generate_image(
     mask: Image.Image | None = None,
     strength: float = DEFAULT_STRENGTH,
     hires: Hires | None = None,
+    step_hook: Callable[[int, int], None] | None = None,
 ) -> Image.Image:
     """Render one picture with `pipeline` and return it.
 
@@ -68,12 +71,18 @@ def generate_image(
     then the hires fix if asked. With it: img2img (inpainting when `mask`, L mode, white =
     repaint, the image's size) at `strength`; the output has width x height when both are
     given, else the image's aspect ratio, rounded down to the VAE multiple.
+
+    `step_hook(step, steps)`, when given, runs before every denoising step of every pass (0 to
+    steps - 1 of that pass; the weight schedules of sdlora.mix.schedules). Step 0 is announced
+    before the pass knows its length, with the nominal `steps`; later steps come from
+    diffusers' `callback_on_step_end` with the pass's own count.
     """
+    run = functools.partial(_run, step_hook=step_hook)
     if init_image is None:
         if mask is not None:
             raise ValueError("a mask needs an init image")
         seed_state = generator.get_state()  # the hires pass starts from the same seed
-        picture = _run(
+        picture = run(
             pipeline,
             conditioning,
             steps,
@@ -85,13 +94,13 @@ def generate_image(
         if hires is None:
             return picture
         reseeded = torch.Generator(generator.device).set_state(seed_state)
-        return _hires_pass(pipeline, picture, hires, conditioning, steps, cfg, reseeded)
+        return _hires_pass(run, pipeline, picture, hires, conditioning, steps, cfg, reseeded)
     if hires is not None:
         raise ValueError("the hires fix applies to txt2img only")
     size = init_output_size(init_image.size, width, height, pipeline.vae_scale_factor)
     source = _resized(init_image, size, Image.LANCZOS)
     if mask is None:
-        return _run(
+        return run(
             variant(pipeline, "img2img"),
             conditioning,
             steps,
@@ -107,7 +116,7 @@ def generate_image(
         )
     soft_mask = _resized(mask.convert("L"), size, Image.BILINEAR)
     soft_mask = soft_mask.filter(ImageFilter.GaussianBlur(MASK_BLUR))
-    painted = _run(
+    painted = run(
         variant(pipeline, "inpaint"),
         conditioning,
         steps,
@@ -152,13 +161,13 @@ def _shares_modules(twin, pipeline) -> bool:
     )
 
 
-def _hires_pass(pipeline, picture, hires, conditioning, steps, cfg, generator) -> Image.Image:
+def _hires_pass(run, pipeline, picture, hires, conditioning, steps, cfg, generator) -> Image.Image:
     size = fit_size(
         int(picture.width * hires.scale),
         int(picture.height * hires.scale),
         pipeline.vae_scale_factor,
     )
-    return _run(
+    return run(
         variant(pipeline, "img2img"),
         conditioning,
         steps,
@@ -169,7 +178,16 @@ def _hires_pass(pipeline, picture, hires, conditioning, steps, cfg, generator) -
     )
 
 
-def _run(pipeline, conditioning, steps, cfg, generator, **task) -> Image.Image:
+def _run(pipeline, conditioning, steps, cfg, generator, step_hook=None, **task) -> Image.Image:
+    if step_hook is not None:
+        step_hook(0, steps)
+
+        def next_step(pipe, step, timestep, tensors):
+            if step + 1 < pipe.num_timesteps:
+                step_hook(step + 1, pipe.num_timesteps)
+            return {}
+
+        task["callback_on_step_end"] = next_step
     return pipeline(
         **conditioning,
         **task,

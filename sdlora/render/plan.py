@@ -12,6 +12,9 @@ seed, and grid cells of one prompt share theirs (only the weight changes along a
 Weights: each image's mix starts from the --lora weights; a row's own weights (<lora:> tags,
 the loras field) override them for that row, and adapters named only elsewhere stay at 0.
 
+Weight schedules over the steps (`<lora:name:1@0.5-1>`, sdlora.mix.schedules) come from a
+row's tags and apply to that row; --mix-mode applies to every image.
+
 Per-component and per-block weights (--block-weights NAME=SPEC, sdlora.mix.block_weights)
 apply to that adapter in every image.
 
@@ -131,7 +134,8 @@ def plan_render(args, random_seed: int = 0) -> RenderPlan:
             **job.request.lora_components,
         }
         job.request.lora_blocks = {name: blocks for name, (_, blocks) in parts.items() if blocks}
-        for key in ("scheduler", "clip_skip", "lora_components", "lora_blocks"):
+        for key in ("scheduler", "clip_skip", "lora_components", "lora_blocks", "mix_mode",
+                    "lora_schedules"):
             if key in from_png:
                 setattr(job.request, key, from_png[key])
         job.request.check()
@@ -291,6 +295,8 @@ def _request(args, row: PromptRow, seed: int, mix: dict[str, float], init) -> Im
         clip_skip=args.clip_skip,
         loras=mix,
         lora_components=dict(row.lora_components),
+        lora_schedules=dict(row.lora_schedules),
+        mix_mode=args.mix_mode,
         init_image=str(init.path) if init else None,
         mask=str(init.mask_path) if init and init.mask_path else None,
         strength=(DEFAULT_STRENGTH if args.strength is None else args.strength) if init else None,

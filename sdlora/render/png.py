@@ -37,12 +37,14 @@ def a1111_parameters(record: dict, sampler, model_name: str) -> str:
     """The infotext for one image; `record` is what goes into the `sdlora` chunk.
 
     Each adapter is an A1111 tag: `<lora:name:w>`, or `<lora:name:te:unet>` when its text
-    encoder and UNet weights differ; per-block weights, which A1111 keeps in no standard field,
+    encoder and UNet weights differ, `<lora:name:w@0.5-1>` with a weight schedule (which
+    A1111 extensions read); the mix mode, when not `add`, goes into "Mix mode"; per-block weights, which A1111 keeps in no standard field,
     go into "Lora block weights" (sdlora.mix.block_weights' spec, read back by sdlora).
     """
     loras = record["loras"]
     tags = "".join(
-        _lora_tag(name, weight, record["lora_components"].get(name, {}))
+        _lora_tag(name, weight, record["lora_components"].get(name, {}),
+                  record.get("lora_schedules", {}).get(name, ""))
         for name, weight in loras.items()
     )
     blocks = "; ".join(
@@ -63,6 +65,7 @@ def a1111_parameters(record: dict, sampler, model_name: str) -> str:
         "Hires upscale": _number(record["hires_scale"]),
         "Hires upscaler": "Lanczos" if record["hires_scale"] else None,
         "Lora block weights": blocks or None,
+        "Mix mode": record["mix_mode"] if record.get("mix_mode", "add") != "add" else None,
         "Lora hashes": ", ".join(
             f"{_alias(name)}: {record['lora_files'][name]['hash']}" for name in loras
         )
@@ -84,11 +87,11 @@ def _number(value: float | None) -> str | None:
     return None if value is None else f"{value:g}"
 
 
-def _lora_tag(name: str, weight: float, components: dict[str, float]) -> str:
+def _lora_tag(name: str, weight: float, components: dict[str, float], schedule: str) -> str:
     text_encoder = weight * components.get("text_encoder", 1.0)
     unet = weight * components.get("unet", 1.0)
     if text_encoder == unet:
-        return f" <lora:{name}:{weight:g}>"
+        return f" <lora:{name}:{weight:g}{schedule}>"
     return f" <lora:{name}:{text_encoder:g}:{unet:g}>"
 
 

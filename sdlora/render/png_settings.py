@@ -3,7 +3,7 @@
 sdlora's PNGs carry their exact settings (the `sdlora` record); any other PNG with A1111's
 `parameters` text (A1111, Forge, civitai downloads) is read from that: prompt and <lora:> tags,
 negative prompt, steps, sampler and schedule type, CFG scale, seed, size, clip skip, and
-sdlora's "Lora block weights". Either way the result is a dict of `PromptRow`/`ImageRequest`
+sdlora's "Lora block weights" and "Mix mode" (weight schedules ride in the <lora:> tags). Either way the result is a dict of `PromptRow`/`ImageRequest`
 fields plus the adapter files the record names (to find adapters no flag names).
 """
 
@@ -19,6 +19,7 @@ from sdlora.render.schedulers import SAMPLERS
 REQUEST_FIELDS = (
     "prompt", "negative", "seed", "steps", "cfg", "width", "height", "scheduler", "clip_skip",
     "loras", "lora_components", "lora_blocks", "strength", "hires_scale", "hires_strength",
+    "lora_schedules", "mix_mode",
 )
 
 
@@ -69,6 +70,8 @@ def _from_infotext(text: str, where: str) -> dict:
         name, _, spec = item.partition(": ")
         blocks[name] = parse_block_spec(spec, None, where)[1]
     settings["lora_blocks"] = blocks
+    if "Mix mode" in fields:
+        settings["mix_mode"] = fields["Mix mode"]
     return settings
 
 

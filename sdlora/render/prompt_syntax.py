@@ -5,6 +5,7 @@
     ((a) [b])     brackets nest; their factors multiply
     a BREAK b     `b` starts a new 75-token chunk
     <lora:name:w> <lora:name:te:unet> <lora:name:te=0.5:unet=1> <lyco:...>   adapter tags
+    <lora:name:w@0.5-1> <lora:name:0.2~1>   weights over the steps (sdlora.mix.schedules)
 
 `parse_prompt_attention` turns text into BREAK-separated sections of (text, weight) fragments;
 `sdlora.render.prompt_embeds` turns those into embeddings. `check_prompt_syntax` refuses, before
@@ -28,6 +29,7 @@ import re
 from typing import NamedTuple
 
 from sdlora.errors import SdloraError
+from sdlora.mix.schedules import WeightSchedule, parse_weight_text
 from sdlora.numbers import finite_number, is_number
 
 ROUND_FACTOR = 1.1  # (word)
@@ -67,10 +69,12 @@ class LoraTag(NamedTuple):
     else the weight of each component ("unet", "text_encoder", "text_encoder_2", as in
     `sdlora.adapters.core.COMPONENTS`) with `weight` 1.0, ready for
     `Mixer.set_weights({name: weight})` plus `Mixer.set_component_weights(name, components)`.
+    schedule: how the UNet's weight changes over the steps (`<lora:name:1@0.5-1>`), or None.
     """
 
     weight: float
     components: dict[str, float] | None
+    schedule: WeightSchedule | None = None
 
 
 def parse_prompt_attention(text: str) -> list[list[Fragment]]:
@@ -157,7 +161,8 @@ def parse_lora_tag(tag: str, kind: str, arguments: str, where: str) -> tuple[str
         problem = f"setting {unknown[0]!r} is not supported; " if unknown else ""
         raise SdloraError(
             f"{where}: {tag!r}: {problem}expected <{kind}:name>, <{kind}:name:weight>, "
-            f"<{kind}:name:te_weight:unet_weight> or <{kind}:name:te=W:unet=W>"
+            f"<{kind}:name:te_weight:unet_weight>, <{kind}:name:te=W:unet=W> or a schedule "
+            f"<{kind}:name:W@START-END> / <{kind}:name:W~W2>"
         )
 
     def number(value: str, what: str) -> float:
@@ -166,6 +171,10 @@ def parse_lora_tag(tag: str, kind: str, arguments: str, where: str) -> tuple[str
             raise SdloraError(f"{where}: in {tag!r}, the {what} {value.strip()!r} is not a number")
         return result
 
+    if len(positional) == 2 and not named and ("@" in positional[1] or "~" in positional[1]):
+        # one weight that is not a plain number: a schedule, W@S-E or W~W2 (mix.schedules)
+        weight, schedule = parse_weight_text(positional[1], f"{where}: in {tag!r}")
+        return name, LoraTag(weight, None, schedule)
     text_encoder = number(positional[1], "weight") if len(positional) > 1 else 1.0
     text_encoder = number(named["te"], "te weight") if "te" in named else text_encoder
     unet = number(positional[2], "unet weight") if len(positional) > 2 else text_encoder

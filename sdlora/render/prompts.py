@@ -9,8 +9,9 @@ complaint points at the line to fix:
     .csv    a header row naming the same fields; loras as "oil:0.5;ink:1"
 
 Fields a row leaves out take the command-line values. Prompts may carry AUTOMATIC1111 adapter
-tags (`<lora:name:w>`, `<lora:name:te:unet>`, `<lyco:...>`, see `prompt_syntax`), which are
-removed from the text and become adapter weights of that row; the rest of the prompt syntax is
+tags (`<lora:name:w>`, `<lora:name:te:unet>`, `<lora:name:w@0.5-1>`, `<lyco:...>`, see
+`prompt_syntax`), which are removed from the text and become adapter weights (and weight
+schedules) of that row; the rest of the prompt syntax is
 checked here too, so a mistake is reported with its line before any model loads.
 """
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlora.errors import SdloraError
+from sdlora.mix.schedules import format_schedule
 from sdlora.render.prompt_syntax import (
     EXTRA_NETWORK_TAG,
     LoraTag,
@@ -48,6 +50,8 @@ class PromptRow:
     # adapter name -> {component: weight} for tags that weight the text encoder and the UNet
     # differently (<lora:name:te:unet>); such an adapter's weight in `loras` is 1.0
     lora_components: dict[str, dict[str, float]] = field(default_factory=dict)
+    # adapter name -> its weight schedule as recorded ("@0.5-1", sdlora.mix.schedules)
+    lora_schedules: dict[str, str] = field(default_factory=dict)
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
@@ -100,6 +104,8 @@ def prompt_row(
         row.loras[name] = tag.weight
         if tag.components is not None:
             row.lora_components[name] = tag.components
+        if tag.schedule is not None:
+            row.lora_schedules[name] = format_schedule(tag.schedule)
     return row
 
 

@@ -1,15 +1,17 @@
 """One generation session: what `sdlora render` and the web UI's Generate tab both run.
 
     ImageRequest (everything that decides one picture: prompt, seed, sampler, size, clip skip,
-    each adapter's weight with its per-component and per-block multipliers, img2img inputs)
+    each adapter's weight with its per-component and per-block multipliers and its schedule
+    over the steps, the mix mode, img2img inputs)
       -> GenerationSession.record(request): the request with the base's defaults filled in and
          the files it used identified by hash; written into the PNG's `sdlora` chunk, and what
          "is this existing file the picture I was asked for?" compares (`same_picture`)
       -> GenerationSession.generate(request): under the session's lock, the mix is fused into
          the weights (a pure function of the mix: the same bits whatever was rendered before),
          the scheduler built, the textual-inversion embeddings the prompts name loaded (only
-         those: sdlora.render.embeddings), the prompt encoded, and the picture drawn with a CPU generator
-         seeded by the request's seed (the same noise on any device)
+         those: sdlora.render.embeddings), the prompt encoded, and the picture drawn with a CPU
+         generator seeded by the request's seed (the same noise on any device); adapters with
+         a weight schedule are re-weighted on the UNet between steps (`_step_hook`)
       -> RenderedImage: the PIL image, its record and its A1111 infotext; `write_image` saves it
 
 Precision: float16 on CUDA, float32 elsewhere.
@@ -26,6 +28,8 @@ import torch
 
 import sdlora
 from sdlora.errors import SdloraError
+from sdlora.mix.modes import DEFAULT_MIX_MODE, check_mix_mode
+from sdlora.mix.schedules import parse_schedule
 from sdlora.render.defaults import DEFAULT_CFG, DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_CLIP_SKIP
 from sdlora.render.embeddings import SessionEmbeddings
 from sdlora.render.init_images import InitImage, check_image_options, init_output_size
@@ -62,6 +66,9 @@ class ImageRequest:
     strength: float | None = None  # img2img's denoising strength
     hires_scale: float | None = None  # hires fix: upscale factor of the txt2img picture
     hires_strength: float | None = None
+    # adapter name -> weight schedule over the steps ("@0.5-1", "~1": sdlora.mix.schedules)
+    lora_schedules: dict[str, str] = field(default_factory=dict)
+    mix_mode: str = DEFAULT_MIX_MODE  # how the adapters' updates combine (sdlora.mix.modes)
 
     def check(self) -> None:
         """Refuse a request that cannot give the picture asked for, before anything loads."""
@@ -78,6 +85,9 @@ class ImageRequest:
         for name, weight in self.loras.items():
             if not math.isfinite(weight):
                 raise SdloraError(f"weight of {name!r} must be a finite number, not {weight}")
+        check_mix_mode(self.mix_mode)
+        for name, schedule in self.lora_schedules.items():
+            parse_schedule(schedule, f"schedule of {name!r}")
         check_image_options(init_image=self.init_image, mask=self.mask, strength=self.strength,
                             hires_scale=self.hires_scale, hires_strength=self.hires_strength)
 
@@ -212,6 +222,10 @@ class GenerationSession:
                 name: parts for name, parts in request.lora_blocks.items()
                 if name in loras and parts
             },
+            "lora_schedules": {
+                name: schedule for name, schedule in request.lora_schedules.items()
+                if name in loras
+            },
             "lora_files": {
                 name: {"path": str(self.adapter_files[name][0]), "hash": self.lora_hashes[name]}
                 for name in loras
@@ -258,6 +272,7 @@ class GenerationSession:
                     mask=mask,
                     strength=request.strength,
                     hires=hires,
+                    step_hook=_step_hook(self.mixer, request),
                 )
         infotext = a1111_parameters(record, get_sampler(request.scheduler), self.model_name)
         return RenderedImage(image, record, infotext)
@@ -266,6 +281,7 @@ class GenerationSession:
         """Fuse the request's mix: every loaded adapter at its weight (0 when not named), with
         its component and block multipliers; parts are re-set only where they changed."""
         weights = {name: request.loras.get(name, 0.0) for name in self.adapter_files}
+        self.mixer.set_mode(request.mix_mode)
         self.mixer.set_weights(weights)
         for name, weight in weights.items():
             parts = (
@@ -278,3 +294,26 @@ class GenerationSession:
                 self.mixer.set_block_weights(name, parts[1])
                 self._parts[name] = parts
 
+
+
+def _step_hook(mixer, request: ImageRequest):
+    """The request's step hook (sdlora.render.pipelines): before each denoising step, the
+    scheduled adapters' UNet weights for that step; None when nothing is scheduled. Adapters
+    without a schedule get their UNet back at their weight (a previous request may have left
+    a step weight)."""
+    weights = request.active_loras
+    schedules = {
+        name: parse_schedule(text, f"schedule of {name!r}")
+        for name, text in request.lora_schedules.items()
+        if name in weights
+    }
+    mixer.set_step_weights(dict.fromkeys(set(mixer.weights) - set(schedules)))
+    if not schedules:
+        return None
+
+    def before_step(step: int, steps: int) -> None:
+        mixer.set_step_weights({
+            name: schedule.weight(weights[name], step, steps) for name, schedule in schedules.items()
+        })
+
+    return before_step
