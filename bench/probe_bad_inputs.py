@@ -249,12 +249,14 @@ def cases(work: Path) -> list[Case]:
     render = ["render", "--base", "demo", "--prompt", "x", "--steps", "1", "--out", out]
     for flags in (["--cfg", "nan"], ["--cfg", "inf"], ["--steps", "-1"], ["--steps", "0"],
                   ["--width", "-64"], ["--width", "7"], ["--height", "1000000"],
-                  ["--seed", "-1"], ["--seed", str(2**70)], ["--batch", "0"], ["--batch", "-3"],
+                  ["--seed", "-2"], ["--seed", str(2**70)], ["--batch", "0"], ["--batch", "-3"],
                   ["--scheduler", "nope"], ["--lora", f["missing"]], ["--lora", f"{f['good']}:nan"],
                   ["--lora", f"{f['good']}:abc"], ["--lora", f["folder"]], ["--lora", f["ckpt"]],
                   ["--adapters-dir", f["missing"]], ["--grid", "nonsense"],
                   ["--grid", "good=a,b"], ["--steps", "abc"]):  # fmt: skip
         add("CLI arguments", "render " + " ".join(flags).replace(str(work), "…"), *render, *flags)
+    add("CLI arguments", "render --seed -1 (random, recorded)", *render, "--seed", "-1",
+        succeed=True, check=lambda result: "random seed" in result.stderr)
     add("CLI arguments", "render --base missing folder", "render", "--base", str(work / "nobase"),
         "--prompt", "x", "--out", out)  # fmt: skip
     add("CLI arguments", "render --base a text file", "render", "--base", str(work / "plain-file"),
