@@ -68,7 +68,7 @@ def train_tab(folders: Folders, trainer: Trainer, base: gr.Dropdown, picker: Ada
                 with gr.Row():
                     learning_rate = gr.Number(None, label="Learning rate", minimum=0,
                                               elem_id="learning-rate")
-                    resolution = gr.Number(None, label="Resolution", precision=0, minimum=8,
+                    resolution = gr.Number(None, label="Resolution", precision=0, minimum=64,
                                            step=8, elem_id="resolution")
                 with gr.Row():
                     targets = gr.Dropdown(["", "attention", "transformer", "full"], value="",
