@@ -35,6 +35,7 @@ class AdapterPicker:
     card_names: gr.State  # the names of the cards shown, in order
     box: gr.CheckboxGroup
     trigger_words: gr.State
+    details: gr.Accordion
     info: gr.Markdown
     refresh_button: gr.Button
     preview_button: gr.Button
@@ -77,11 +78,11 @@ def adapter_cards(folders: Folders, studio: Studio) -> AdapterPicker:
     with gr.Row():
         box = gr.CheckboxGroup([], label="Adapters", elem_id="adapters", scale=4)
         refresh = gr.Button("Refresh", elem_id="refresh-adapters", scale=1, size="sm")
-    with gr.Accordion("Adapter details", open=False, elem_id="adapter-details"):
+    with gr.Accordion("Adapter details", open=False, elem_id="adapter-details") as details:
         info = gr.Markdown("Click a card to see its details.", elem_id="adapter-info")
         preview = gr.Button("Render preview", size="sm", elem_id="render-preview")
-    return AdapterPicker(folders, studio, search, cards, gr.State([]), box, gr.State({}), info,
-                         refresh, preview)
+    return AdapterPicker(folders, studio, search, cards, gr.State([]), box, gr.State({}),
+                         details, info, refresh, preview)
 
 
 def wire(picker: AdapterPicker, base: gr.Dropdown) -> None:
@@ -103,10 +104,10 @@ def wire(picker: AdapterPicker, base: gr.Dropdown) -> None:
             gr.Warning(f"{name}: {refusal}")
         elif name not in (ticked or []):
             ticked = [*(ticked or []), name]
-        return name, ticked, _details(adapter)
+        return name, ticked, gr.Accordion(open=True), _details(adapter)
 
     picker.cards.select(pick, [picker.card_names, picker.box, base],
-                        [selected, picker.box, picker.info])
+                        [selected, picker.box, picker.details, picker.info])
 
     def render_preview(name, base_choice, query, ticked, request: gr.Request):
         if not name:

@@ -139,7 +139,7 @@ def build_app(folders: Folders, studio: Studio, trainer: Trainer):
         )
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
-                generate = generate_tab(folders, studio, base)
+                generate = generate_tab(app, folders, studio, base)
             with gr.Tab("History", id="history"):
                 show_history, history_outputs = history_tab(studio, generate, tabs)
             with gr.Tab("Train", id="train"):

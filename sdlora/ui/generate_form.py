@@ -146,7 +146,7 @@ def generate_form(base: gr.Dropdown) -> GenerateForm:
                           interactive=True)
     with gr.Accordion("img2img, inpainting, hires fix", open=False, elem_id="image-options"):
         init = gr.ImageMask(label="Init image: paint where to repaint (no paint: img2img)",
-                            type="pil", elem_id="init-image", height=320)
+                            type="pil", elem_id="init-image", height=320, interactive=True)
         with gr.Row():
             strength = gr.Slider(0, 1, DEFAULT_STRENGTH, step=0.05, label="Denoising strength",
                                  elem_id="strength", interactive=True)

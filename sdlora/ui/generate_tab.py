@@ -51,7 +51,8 @@ def element_id(prefix: str, name: str) -> str:
     return f"{prefix}-{re.sub(r'[^A-Za-z0-9_-]', '_', name)}"
 
 
-def generate_tab(folders: Folders, studio: Studio, base: gr.Dropdown) -> GenerateTab:
+def generate_tab(app: gr.Blocks, folders: Folders, studio: Studio,
+                 base: gr.Dropdown) -> GenerateTab:
     with gr.Row():
         with gr.Column(scale=1, min_width=320):
             picker = adapter_cards(folders, studio)
@@ -81,8 +82,10 @@ def generate_tab(folders: Folders, studio: Studio, base: gr.Dropdown) -> Generat
     with adapter_controls:
 
         @gr.render(inputs=[picker.box, picker.trigger_words, tab.mix],
-                   triggers=[picker.box.change, tab.reload.change])
+                   triggers=[app.load, picker.box.change, tab.reload.change])
         def controls(ticked: list[str], words_by_name: dict, mix: MixState):
+            if not ticked:
+                gr.Markdown("Click a card (or tick an adapter) to mix it in.", elem_id="no-mix")
             sliders = {
                 name: _adapter_controls(name, words_by_name.get(name, []),
                                         mix.get(name) or unit_mix(), form.prompt)
