@@ -35,7 +35,6 @@ class AdapterPicker:
     card_names: gr.State  # the names of the cards shown, in order
     box: gr.CheckboxGroup
     trigger_words: gr.State
-    details: gr.Accordion
     info: gr.Markdown
     refresh_button: gr.Button
     preview_button: gr.Button
@@ -78,11 +77,11 @@ def adapter_cards(folders: Folders, studio: Studio) -> AdapterPicker:
     with gr.Row():
         box = gr.CheckboxGroup([], label="Adapters", elem_id="adapters", scale=4)
         refresh = gr.Button("Refresh", elem_id="refresh-adapters", scale=1, size="sm")
-    with gr.Accordion("Adapter details", open=False, elem_id="adapter-details") as details:
+    with gr.Accordion("Details of the clicked adapter", open=False, elem_id="adapter-details"):
         info = gr.Markdown("Click a card to see its details.", elem_id="adapter-info")
         preview = gr.Button("Render preview", size="sm", elem_id="render-preview")
     return AdapterPicker(folders, studio, search, cards, gr.State([]), box, gr.State({}),
-                         details, info, refresh, preview)
+                         info, refresh, preview)
 
 
 def wire(picker: AdapterPicker, base: gr.Dropdown) -> None:
@@ -104,10 +103,10 @@ def wire(picker: AdapterPicker, base: gr.Dropdown) -> None:
             gr.Warning(f"{name}: {refusal}")
         elif name not in (ticked or []):
             ticked = [*(ticked or []), name]
-        return name, ticked, gr.Accordion(open=True), _details(adapter)
+        return name, ticked, _details(adapter)
 
     picker.cards.select(pick, [picker.card_names, picker.box, base],
-                        [selected, picker.box, picker.details, picker.info])
+                        [selected, picker.box, picker.info])
 
     def render_preview(name, base_choice, query, ticked, request: gr.Request):
         if not name:
@@ -164,13 +163,11 @@ def _thumbnail(adapter: AdapterInfo, refusal: str | None) -> Image.Image:
 
 
 def _details(adapter: AdapterInfo) -> str:
-    """What `sdlora info` prints for the adapter, plus its base model and file."""
+    """What `sdlora info` prints for the adapter, as it prints it."""
     try:
         source = read_adapter_file(adapter.path)
     except SdloraError as error:
         return f"**{adapter.name}**: {error}"
     lines = describe(source.adapter, source.layout, adapter.path.stat().st_size)
-    if adapter.base_model:
-        lines.append(("trained on", adapter.base_model))
-    rows = "\n".join(f"| {label} | {str(value).replace('|', '/')} |" for label, value in lines)
-    return f"| | |\n|---|---|\n{rows}"
+    text = "\n".join(f"{label + ':':<22}{value}" for label, value in lines)
+    return f"**{adapter.name}** ({adapter.path.name})\n```\n{text}\n```"

@@ -140,13 +140,13 @@ def build_app(folders: Folders, studio: Studio, trainer: Trainer):
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
                 generate = generate_tab(app, folders, studio, base)
-            with gr.Tab("History", id="history"):
+            with gr.Tab("History", id="history") as history:
                 show_history, history_outputs = history_tab(studio, generate, tabs)
+            history.select(show_history, None, history_outputs)
             with gr.Tab("Train", id="train"):
                 train_tab(folders, trainer, base, generate.picker)
         picker = generate.picker
         app.load(picker.refresh, [base, *picker.inputs], picker.outputs)
-        app.load(show_history, None, history_outputs)
     app.queue(default_concurrency_limit=CONCURRENCY)
     return app
 

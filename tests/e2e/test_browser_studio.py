@@ -102,7 +102,8 @@ def test_cards_tick_adapters_and_grey_those_of_another_family(
         expect(cards.locator("img")).to_have_count(1)  # oil: its trigger words match
         cards.locator("img").first.click()
         expect(page.locator("#adapters").get_by_label("oil")).to_be_checked()
-        expect(page.locator("#adapter-info")).to_contain_text("layout")
+        page.locator("#adapter-details").get_by_text("Details of the clicked adapter").click()
+        expect(page.locator("#adapter-info")).to_contain_text("layout:")
     finally:
         context.close()
         app.close()
@@ -163,6 +164,7 @@ def test_img2img_from_an_uploaded_picture(page, tmp_path):
     page.locator("#prompt textarea").fill("a blue wall")
     small_fast_settings(page)
     page.locator("#image-options").get_by_text("img2img, inpainting").click()
+    page.locator('#init-image [aria-label="Upload"]').wait_for()  # the editor is ready
     page.locator("#init-image input[type=file]").set_input_files(str(picture))
     # the editor holds the picture once its upload buttons give way to the brush's
     page.locator('#init-image [aria-label="Brush Size"]').wait_for()
