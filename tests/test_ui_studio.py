@@ -32,12 +32,13 @@ def folders(tiny_sd1, pipeline, tmp_path_factory):
     adapters = tmp_path_factory.mktemp("adapters")
     for seed, name in enumerate(("oil", "ink"), start=1):
         save_adapter(random_adapter(pipeline, name, seed=seed), adapters / f"{name}.safetensors")
-    return Folders(adapters=adapters, configs=Path("configs"), default_base=str(tiny_sd1))
+    return Folders(adapters=adapters, configs=Path("configs"), default_base=str(tiny_sd1),
+                   outputs=tmp_path_factory.mktemp("outputs"))
 
 
 @pytest.fixture(scope="module")
-def studio(folders, tmp_path_factory):
-    return Studio(folders, tmp_path_factory.mktemp("images"))
+def studio(folders):
+    return Studio(folders)
 
 
 def request(**changes) -> GenerationRequest:
@@ -179,16 +180,67 @@ def test_a_retrained_adapter_file_is_loaded_again(studio, folders, pipeline):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"weights": {"../oil": 1.0}}, "not a plain file name"),
+        ({"weights": {"../oil": 1.0}}, "no adapter named"),
         ({"weights": {"missing": 1.0}}, "no adapter named 'missing'"),
         ({"steps": 0}, "steps must be"),
         ({"batch": 100}, "batch count"),
         ({"width": 60}, "not a positive multiple of 8"),
         ({"width": 4096}, "limited to"),
         ({"scheduler": "nope"}, "unknown scheduler"),
-        ({"base": "../somewhere"}, "neither a model in the models folder nor a hub id"),
+        ({"base": "../somewhere"}, "not offered here"),
+        ({"base": "someone/any-repo"}, "not offered here"),
     ],
 )
 def test_bad_requests_are_refused_before_generating(studio, changes, message):
     with pytest.raises(SdloraError, match=message):
         studio.generate(request(**changes))
+
+
+def test_images_are_numbered_a1111_style_and_the_count_goes_on_after_a_restart(folders):
+    first = Studio(folders).generate(request(seed=3, batch=2))
+    restarted = Studio(folders).generate(request(seed=9))
+    numbers = [int(image.path.name.split("-")[0]) for image in [*first, *restarted]]
+    assert numbers == [numbers[0], numbers[0] + 1, numbers[0] + 2]
+    assert [image.path.name.split("-", 1)[1] for image in first] == ["3.png", "4.png"]
+    assert first[0].path.parent.parent == folders.outputs  # a date folder in the outputs
+    assert restarted[0].path in Studio(folders).history(None).recent(10)
+
+
+def test_each_user_writes_and_sees_only_their_own_images(folders, pipeline):
+    studio = Studio(folders)
+    (ann,) = studio.generate(request(seed=1), user="ann")
+    (bob,) = studio.generate(request(seed=2), user="bob")
+    assert ann.path.is_relative_to(folders.outputs / "ann")
+    assert studio.history("ann").recent(100) == [ann.path]
+    assert bob.path not in studio.history(None).recent(100)
+    own = folders.adapters / "bob" / "bobs.safetensors"
+    save_adapter(random_adapter(pipeline, "bobs", seed=9), own)
+    assert "bobs" in [info.name for info in folders.list_adapters("bob")]
+    assert "bobs" not in [info.name for info in folders.list_adapters("ann")]
+    with pytest.raises(SdloraError, match="no adapter named 'bobs'"):
+        studio.generate(request(weights={"bobs": 1.0}), user="ann")
+
+
+def test_img2img_and_inpainting_from_saved_inputs_match_the_cli(studio, tmp_path):
+    history = studio.history(None)
+    init = history.save_input(Image.new("RGB", (64, 64), (200, 30, 30)))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask_path = history.save_input(mask)
+    generation = request(init_image=str(init), mask=str(mask_path), strength=0.6)
+    (image,) = studio.generate(generation)
+    assert "Denoising strength: 0.6" in image.caption
+    words = shlex.split(studio.render_command(generation))
+    assert words[words.index("--init-image") + 1] == str(init)
+    words[words.index("--out") + 1] = str(tmp_path)
+    assert main(words[1:]) == 0
+    (rendered,) = tmp_path.glob("*.png")
+    with Image.open(rendered) as cli_png, Image.open(image.path) as ui_png:
+        assert np.array_equal(np.asarray(cli_png), np.asarray(ui_png))
+
+
+def test_an_init_image_outside_the_users_folder_is_refused(studio, tmp_path):
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (64, 64)).save(outside)
+    with pytest.raises(SdloraError, match="not in your outputs folder"):
+        studio.generate(request(init_image=str(outside), strength=0.5))

@@ -72,11 +72,14 @@ def test_a_finished_run_puts_its_adapter_in_the_adapters_folder(folders, tmp_pat
 def test_cancel_stops_after_the_step_and_keeps_a_checkpoint(folders, tmp_path):
     trainer = Trainer(folders)
     job = trainer.start(request(images(tmp_path / "uploads"), steps=1000))
-    with pytest.raises(SdloraError, match="one run at a time"):
-        trainer.start(request(images(tmp_path / "more"), name="other"))
+    waiting = trainer.start(request(images(tmp_path / "more"), name="other"))
+    assert (waiting.state, trainer.place_in_queue(waiting)) == ("queued", 1)
+    waiting.cancel()
     wait_until(lambda: job.step >= 1 or not job.running)
     job.cancel()
     job.wait()
+    waiting.wait()
+    assert (waiting.state, waiting.step) == ("cancelled", 0)
     assert job.state == "cancelled", job.message
     assert job.step < 1000 and "last checkpoint is kept" in job.message
     assert [step for step, _ in list_checkpoints(job.run_dir)] == [job.step]
@@ -102,7 +105,7 @@ def test_the_real_presets_take_the_users_choices(tiny_sd1, tmp_path):
     assert all("zxq" in prompt and "sks" not in prompt for prompt in config.validation.prompts)
     assert (config.lora.rank, config.lora.alpha, config.train.steps) == (8, 8.0, 30)
     assert config.base == str(tiny_sd1)
-    assert Path(config.output.dir) == tmp_path / "runs" / "ink"
+    assert Path(config.output.dir) == tmp_path / "ink"
     assert sorted(p.name for p in Path(config.data.instance_dir).iterdir()) == [
         "upload0.png",
         "upload1.png",
@@ -153,3 +156,35 @@ def test_originals_come_from_the_data_folder_and_never_from_the_preset(tiny_sd1,
     assert Path(paired.data.before_dir) == tmp_path / "data" / "plain"
     with pytest.raises(SdloraError, match="not found"):
         trainer.config_for(request([], preset="demo", folder="styled", before_folder="missing"))
+
+
+def test_a_second_run_of_a_name_never_overwrites_the_first(folders, tmp_path):
+    trainer = Trainer(folders)
+    first = trainer.start(request(images(tmp_path / "a")))
+    second = trainer.start(request(images(tmp_path / "b")))  # waits for the first
+    first.wait()
+    second.wait()
+    assert (first.config.output.name, second.config.output.name) == ("ink", "ink-2")
+    assert first.adapter_path.is_file() and second.adapter_path.is_file()
+    assert [info.name for info in folders.list_adapters()] == ["ink", "ink-2"]
+    assert [loss_step for loss_step, _ in second.losses] == [1, 2, 3, 4]
+
+
+def test_users_train_into_their_own_folders(folders, tmp_path):
+    config = Trainer(folders).config_for(request(images(tmp_path / "a")), user="ann")
+    assert Path(config.output.dir) == folders.adapters / "ann" / "ink"
+
+
+def test_the_demo_preset_gets_previews_and_the_advanced_choices(tiny_sd1, tmp_path):
+    folders = Folders(adapters=tmp_path, configs=Path("configs"), default_base=str(tiny_sd1))
+    originals = images(tmp_path / "plain")
+    config = Trainer(folders).config_for(request(
+        images(tmp_path / "up"), preset="demo", steps=8, learning_rate=5e-4, resolution=128,
+        targets="attention", text_encoder=True, before_uploads=originals,
+    ))
+    assert config.validation.prompts == [config.data.instance_prompt]
+    assert config.validation.every == 2
+    assert (config.train.learning_rate, config.data.resolution) == (5e-4, 128)
+    assert (config.lora.targets, config.lora.text_encoder) == ("attention", True)
+    assert sorted(p.name for p in Path(config.data.before_dir).iterdir()) == [
+        "upload0.png", "upload1.png"]

@@ -75,15 +75,19 @@ def load_base(source: str, torch_dtype: torch.dtype = torch.float32) -> Base:
                     f"base folder {source!r} has no model_index.json; "
                     "pass a diffusers pipeline folder, a .safetensors checkpoint or a hub id"
                 )
+            _refuse_pickle_weights(local, source)
             pipeline = DiffusionPipeline.from_pretrained(
-                local, dtype=torch_dtype, **_no_safety_checker(local)
+                local, dtype=torch_dtype, use_safetensors=True, **_no_safety_checker(local)
             )
         elif not HUB_ID.fullmatch(path):
             raise SdloraError(
                 f"base {source!r} not found: expected a diffusers folder or a .safetensors file"
             )
         else:
-            pipeline = DiffusionPipeline.from_pretrained(path, dtype=torch_dtype)
+            # use_safetensors: a repository that only has pickle weights is refused, not run
+            pipeline = DiffusionPipeline.from_pretrained(
+                path, dtype=torch_dtype, use_safetensors=True
+            )
     except SdloraError:
         raise
     except (OSError, ValueError) as error:
@@ -126,6 +130,19 @@ def describe_pipeline(pipeline, source: str = "") -> Base:
             "sdlora supports epsilon and v_prediction"
         )
     return Base(pipeline=pipeline, family=family, prediction_type=prediction_type, source=source)
+
+
+def _refuse_pickle_weights(folder: Path, source: str) -> None:
+    """A diffusers folder whose weights are pickle files only: one line, before diffusers
+    (which would unpickle them without use_safetensors, and gives a long error with it)."""
+    for component in sorted(child for child in folder.iterdir() if child.is_dir()):
+        files = [path for path in component.iterdir() if path.is_file()]
+        pickles = [path for path in files if path.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles and not any(path.suffix == ".safetensors" for path in files):
+            raise SdloraError(
+                f"base {source!r} holds pickle weights ({component.name}/{pickles[0].name}), "
+                "which sdlora never unpickles; save the model with safetensors first"
+            )
 
 
 def _no_safety_checker(folder: Path) -> dict:

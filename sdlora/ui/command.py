@@ -44,7 +44,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="adapters",
         help="adapters offered for mixing; trained adapters are written here",
     )
+    parser.add_argument(
+        "--outputs-dir",
+        default="outputs",
+        help="generated images, in date folders (a folder per user with a login)",
+    )
     parser.add_argument("--models-dir", help="folder of local base models users may choose")
+    parser.add_argument(
+        "--allow-base",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="another base users may choose (a hub id or a path); repeatable",
+    )
     parser.add_argument("--data-dir", help="folder of training image folders users may name")
     parser.add_argument("--configs-dir", default="configs", help="preset training configs")
     parser.add_argument(
@@ -83,6 +95,7 @@ def folders_from_args(args: argparse.Namespace) -> Folders:
         adapters.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise SdloraError(f"--adapters-dir {adapters}: {error.strerror or error}") from None
+    outputs = _outputs_folder(Path(args.outputs_dir))
     optional = {}
     for key in ("models_dir", "data_dir"):
         value = getattr(args, key)
@@ -90,8 +103,32 @@ def folders_from_args(args: argparse.Namespace) -> Folders:
             raise SdloraError(f"--{key.replace('_', '-')} {value} is not a folder")
         optional[key.removesuffix("_dir")] = Path(value) if value else None
     return Folders(
-        adapters=adapters, configs=Path(args.configs_dir), default_base=args.base, **optional
+        adapters=adapters,
+        configs=Path(args.configs_dir),
+        outputs=outputs,
+        default_base=args.base,
+        allowed_bases=tuple(args.allow_base),
+        **optional,
     )
+
+
+def _outputs_folder(folder: Path) -> Path:
+    """The outputs folder, created. Gradio hands out files of the working folder and the temp
+    folder through its cache (unguessable names) without serving the folder itself, which
+    keeps each user's pictures to that user; elsewhere it would need the folder served."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SdloraError(f"--outputs-dir {folder}: {error.strerror or error}") from None
+    resolved = folder.resolve()
+    roots = (Path.cwd().resolve(), Path(tempfile.gettempdir()).resolve())
+    if not any(resolved == root or root in resolved.parents for root in roots):
+        raise SdloraError(
+            f"--outputs-dir {folder} must be inside the working folder or {roots[1]}"
+        )
+    return folder
 
 
 def parse_auth(text: str | None, source: str = "--auth") -> tuple[str, str] | None:
@@ -142,44 +179,53 @@ def build_app(folders: Folders, studio: Studio, trainer: Trainer):
     import gradio as gr
 
     from sdlora.ui.generate_tab import generate_tab
+    from sdlora.ui.history_tab import history_tab
     from sdlora.ui.train_tab import train_tab
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         gr.Markdown(f"# {TITLE}\nMix LoRA adapters with a slider each, or train a new one.")
+        # Only listed bases: a typed value would let any user make the server fetch and run
+        # any repository.
         base = gr.Dropdown(
             folders.base_choices(),
             value=folders.default_base,
-            allow_custom_value=True,
+            allow_custom_value=False,
             label="Base model",
             elem_id="base",
-            info="a model from the models folder, or a hub id",
+            info="the operator offers these (--base, --allow-base, --models-dir)",
         )
-        with gr.Tab("Generate"):
-            adapters = generate_tab(folders, studio, base)
-        with gr.Tab("Train"):
-            train_tab(folders, trainer, base, adapters)
-        app.load(adapters.refresh, [adapters.box], adapters.outputs)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Generate", id="generate"):
+                generate = generate_tab(app, folders, studio, base)
+            with gr.Tab("History", id="history") as history:
+                show_history, history_outputs = history_tab(studio, generate, tabs)
+            history.select(show_history, None, history_outputs)
+            with gr.Tab("Train", id="train"):
+                train_tab(folders, trainer, base, generate.picker)
+        picker = generate.picker
+        app.load(picker.refresh, [base, *picker.inputs], picker.outputs)
     app.queue(default_concurrency_limit=CONCURRENCY)
     return app
 
 
 def launch(
     app,
-    studio: Studio,
     host: str,
     port: int,
     auth: tuple[str, str] | Credentials | None = None,
     block: bool = True,
 ):
-    """Serve `app` (only the studio's images as files); block=False returns at once (tests)."""
+    """Serve `app`; block=False returns at once (tests). No folder is served as such: images
+    reach browsers through Gradio's cache, only as the answers to their own requests."""
+    from sdlora.ui.generate_tab import ENTER_LEAVES_WEIGHT_BOXES
     from sdlora.ui.training import MAX_UPLOAD_BYTES
 
     return app.launch(
+        head=ENTER_LEAVES_WEIGHT_BOXES,
         server_name=host,
         server_port=port,
         auth=auth or None,  # an empty list would be a login nobody passes
         max_file_size=MAX_UPLOAD_BYTES,
-        allowed_paths=[str(studio.output_dir)],
         prevent_thread_lock=not block,
         quiet=not block,
         footer_links=[],
@@ -187,6 +233,10 @@ def launch(
 
 
 def ui_command(args: argparse.Namespace) -> None:
+    try:
+        import gradio  # noqa: F401 - the [ui] extra; checked first for a one-line answer
+    except ModuleNotFoundError:
+        raise SdloraError('the web UI needs Gradio: pip install -e ".[ui]"') from None
     from sdlora.ui.studio import Studio
     from sdlora.ui.training import Trainer
 
@@ -199,4 +249,4 @@ def ui_command(args: argparse.Namespace) -> None:
         )
     folders = folders_from_args(args)
     studio = Studio(folders)
-    launch(build_app(folders, studio, Trainer(folders)), studio, args.host, args.port, auth)
+    launch(build_app(folders, studio, Trainer(folders)), args.host, args.port, auth)

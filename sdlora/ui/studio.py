@@ -6,15 +6,16 @@ tags in the prompt, per-component and per-block weights. The session's lock is h
 this mix" to the last denoising step, so two users with different sliders never generate on
 each other's weights; each gets exactly the image a solo run (and `sdlora render`) gives.
 
-Images are written as PNGs with the same settings `sdlora render` writes, and `render_command`
-gives the `sdlora render` line that draws the same images.
+Images are written as PNGs with the same settings `sdlora render` writes, into the user's
+outputs folder (sdlora.ui.history), and `render_command` gives the `sdlora render` line that
+draws the same images. An init image and mask are files in that folder's `inputs/` (the UI
+saves uploads there), so the record names a file that `sdlora render --prompts x.png` re-reads.
 """
 
 from __future__ import annotations
 
 import secrets
 import shlex
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +25,17 @@ import torch
 from sdlora.errors import SdloraError
 from sdlora.mix.block_weights import format_block_spec
 from sdlora.render.defaults import DEFAULT_CFG, DEFAULT_SCHEDULER, DEFAULT_STEPS
+from sdlora.render.init_images import InitImage, read_init_images
 from sdlora.render.prompts import prompt_row
 from sdlora.render.session import GenerationSession, ImageRequest
-from sdlora.ui.folders import Folders
+from sdlora.ui.folders import AdapterInfo, Folders
+from sdlora.ui.history import ImageHistory
 
 MAX_STEPS = 150
 MAX_BATCH = 8
 MAX_SIZE = 2048
 MAX_SEED = 2**32 - 1
+PREVIEW_SIZE = 256  # an adapter's card picture, rendered on demand
 
 
 @dataclass
@@ -50,6 +54,11 @@ class GenerationRequest:
     weights: dict[str, float] = field(default_factory=dict)  # adapter name -> weight
     block_weights: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> {down: w}
     component_weights: dict[str, dict[str, float]] = field(default_factory=dict)  # {unet: w}
+    init_image: str | None = None  # img2img: a file in the user's outputs/inputs
+    mask: str | None = None  # inpainting: white = repaint, also in outputs/inputs
+    strength: float | None = None
+    hires_scale: float | None = None
+    hires_strength: float | None = None
 
     def image_requests(self, seed: int) -> list[ImageRequest]:
         """The request as one `ImageRequest` per image of the batch (seeds counting up from
@@ -76,6 +85,11 @@ class GenerationRequest:
                 loras=loras,
                 lora_components={k: v for k, v in components.items() if v},
                 lora_blocks={k: v for k, v in self.block_weights.items() if v},
+                init_image=self.init_image,
+                mask=self.mask,
+                strength=self.strength,
+                hires_scale=self.hires_scale,
+                hires_strength=self.hires_strength,
             )
             for index in range(self.batch)
         ]
@@ -92,33 +106,67 @@ class GeneratedImage:
 
 
 class Studio:
-    def __init__(self, folders: Folders, output_dir: Path | None = None):
+    """One loaded base for every browser; each user's pictures go to their own folder."""
+
+    def __init__(self, folders: Folders):
         self.folders = folders
-        self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="sdlora-ui-"))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.lock = threading.Lock()  # one base loaded at a time; the session locks the rest
         self._session: GenerationSession | None = None
-        self._counter = 0
+        self._histories: dict[str | None, ImageHistory] = {}
 
-    def generate(self, request: GenerationRequest) -> list[GeneratedImage]:
+    def history(self, user: str | None) -> ImageHistory:
+        if user not in self._histories:
+            self._histories[user] = ImageHistory(self.folders.outputs_for(user))
+        return self._histories[user]
+
+    def generate(self, request: GenerationRequest, user: str | None = None) -> list[GeneratedImage]:
         seed = secrets.randbelow(MAX_SEED + 1) if request.seed == -1 else request.seed
         images = request.image_requests(seed)
         source = self.folders.base_source(request.base)
-        files = {name: self.folders.adapter_path(name) for name in images[0].active_loras}
+        files = {name: self.folders.adapter_path(name, user) for name in images[0].active_loras}
+        init = self._init_image(request, user)
         results = []
         with self.lock:
             session = self._use_base(source)
             session.use_adapters(files)
             for index, image_request in enumerate(images):
-                results.append(session.generate(image_request, batch_index=index))
-            first_number = self._counter
-            self._counter += len(results)
+                results.append(session.generate(image_request, init, batch_index=index))
+        paths = self.history(user).new_paths([rendered.record["seed"] for rendered in results])
         generated = []
-        for offset, rendered in enumerate(results):
-            path = self.output_dir / f"{first_number + offset:05d}-{rendered.record['seed']}.png"
+        for path, rendered in zip(paths, results):
             rendered.write(path)
             generated.append(GeneratedImage(path, rendered.infotext, rendered.record))
         return generated
+
+    def _init_image(self, request: GenerationRequest, user: str | None) -> InitImage | None:
+        """The request's init image and mask, which must be files of the user's own folder
+        (a PNG's record, loaded back, may name any path)."""
+        if request.init_image is None:
+            return None
+        history = self.history(user)
+        for path in filter(None, (request.init_image, request.mask)):
+            if not history.owns(Path(path)) or not Path(path).is_file():
+                raise SdloraError(f"init image {Path(path).name} is not in your outputs folder")
+        (init,), _ = read_init_images(request.init_image, request.mask)
+        return init
+
+    def render_preview(self, adapter: AdapterInfo, base: str) -> Path:
+        """Draw the adapter's card picture (its trigger words at weight 1, seed 0) on `base`
+        and keep it beside the adapter, where the cards look first."""
+        prompt = ", ".join(adapter.trigger_words) or adapter.name
+        request = GenerationRequest(prompt=prompt, base=base, width=PREVIEW_SIZE,
+                                    height=PREVIEW_SIZE)
+        (image_request,) = request.image_requests(0)
+        image_request.loras = {adapter.name: 1.0}
+        with self.lock:
+            session = self._use_base(self.folders.base_source(base))
+            native = session.base.native_size
+            image_request.width = image_request.height = min(native, PREVIEW_SIZE)
+            session.use_adapters({adapter.name: adapter.path})
+            rendered = session.generate(image_request)
+        rendered.write(adapter.cached_preview)
+        return adapter.cached_preview
 
     def _use_base(self, source: str) -> GenerationSession:
         if self._session is None or self._session.source != source:
@@ -126,16 +174,28 @@ class Studio:
             self._session = GenerationSession(source, self.device)
         return self._session
 
-    def render_command(self, request: GenerationRequest) -> str:
+    def loaded_family(self, choice: str) -> str | None:
+        """The family of the chosen base: from the loaded one, else from its config files."""
+        session = self._session
+        source = self.folders.base_source(choice)
+        if session is not None and session.source == source:
+            return session.base.family.name
+        return self.folders.base_family(choice)
+
+    def render_command(self, request: GenerationRequest, user: str | None = None) -> str:
         """`render_command`, with the base's own size filled in once that base is loaded."""
         session = self._session
         source = self.folders.base_source(request.base)
         native_size = session.base.native_size if session and session.source == source else None
-        return render_command(request, self.folders, native_size)
+        return render_command(request, self.folders, native_size, user)
+
 
 
 def render_command(
-    request: GenerationRequest, folders: Folders, native_size: int | None = None
+    request: GenerationRequest,
+    folders: Folders,
+    native_size: int | None = None,
+    user: str | None = None,
 ) -> str:
     """The `sdlora render` command line that renders what `request` generates; `native_size`
     (the base's own size) is written out for a size left to the base, as render's default
@@ -143,7 +203,7 @@ def render_command(
     (first, *_) = request.image_requests(request.seed if request.seed != -1 else 0)
     words = ["sdlora", "render", "--base", folders.base_source(request.base)]
     for name, weight in first.active_loras.items():
-        words += ["--lora", f"{folders.adapter_path(name)}:{weight:g}"]
+        words += ["--lora", f"{folders.adapter_path(name, user)}:{weight:g}"]
     for name in first.active_loras:
         spec = format_block_spec(
             first.lora_components.get(name, {}), first.lora_blocks.get(name, {})
@@ -161,5 +221,10 @@ def render_command(
     words += ["--scheduler", request.scheduler]
     if request.clip_skip != 1:
         words += ["--clip-skip", str(request.clip_skip)]
+    for flag, value in (("--init-image", request.init_image), ("--mask", request.mask),
+                        ("--strength", request.strength), ("--hires-scale", request.hires_scale),
+                        ("--hires-strength", request.hires_strength)):
+        if value is not None:
+            words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     words += ["--batch", str(request.batch), "--out", "out/ui"]
     return shlex.join(words)

@@ -1,8 +1,9 @@
-"""The Train tab: images, a preset and a few choices in; live step, loss, ETA and validation out.
+"""The Train tab: images, a preset and a few choices in; live step, loss chart, ETA and
+validation previews out.
 
-Start runs `Trainer.start` and then streams the job's progress to the browser that started it
-(the job lives in that browser's session state, so only it can cancel it). When the adapter is
-written, the Generate tab's adapter list is refreshed.
+Start queues the run (`Trainer.start`) and then streams the job's progress to the browser that
+started it (the job lives in that browser's session state, so only it can cancel it). When the
+adapter is written, the Generate tab's cards are refreshed: it shows with its newest preview.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import time
 
 import gradio as gr
+import pandas as pd
 from PIL import Image
 
 from sdlora.errors import SdloraError
 from sdlora.train.dataset import IMAGE_SUFFIXES
+from sdlora.ui.adapter_cards import AdapterPicker
 from sdlora.ui.folders import Folders
-from sdlora.ui.generate_tab import AdapterPicker
 from sdlora.ui.training import CAPTION_SUFFIX, MAX_RANK, Trainer, TrainingJob, TrainingRequest
+from sdlora.ui.users import username
 
 POLL_SECONDS = 0.5
 
@@ -37,13 +40,16 @@ def train_tab(folders: Folders, trainer: Trainer, base: gr.Dropdown, picker: Ada
                 elem_id="folder",
                 placeholder="folder name" if folders.data else "start the app with --data-dir",
             )
-            before_folder = gr.Textbox(
-                label="Optional: the same pictures without the style, a folder inside the data "
-                      "folder (same file names): the slider then scales the style",
-                interactive=folders.data is not None,
-                elem_id="before-folder",
-                placeholder="folder name" if folders.data else "start the app with --data-dir",
-            )
+            with gr.Accordion("Optional: the same pictures without the style (same file "
+                              "names): the slider then scales the style", open=False):
+                before_uploads = gr.File(label="Originals", file_count="multiple",
+                                         file_types=list(IMAGE_SUFFIXES), elem_id="before-uploads")
+                before_folder = gr.Textbox(
+                    label="...or a folder of originals inside the data folder",
+                    interactive=folders.data is not None,
+                    elem_id="before-folder",
+                    placeholder="folder name" if folders.data else "start the app with --data-dir",
+                )
             preset = gr.Dropdown(
                 presets,
                 value=presets[0] if presets else None,
@@ -58,11 +64,24 @@ def train_tab(folders: Folders, trainer: Trainer, base: gr.Dropdown, picker: Ada
                 rank = gr.Number(
                     16, label="Rank", precision=0, minimum=1, maximum=MAX_RANK, elem_id="rank"
                 )
+            with gr.Accordion("Advanced (blank: the preset's)", open=False):
+                with gr.Row():
+                    learning_rate = gr.Number(None, label="Learning rate", minimum=0,
+                                              elem_id="learning-rate")
+                    resolution = gr.Number(None, label="Resolution", precision=0, minimum=64,
+                                           step=8, elem_id="resolution")
+                with gr.Row():
+                    targets = gr.Dropdown(["", "attention", "transformer", "full"], value="",
+                                          label="Targets", elem_id="targets")
+                    text_encoder = gr.Dropdown(["", "train", "frozen"], value="",
+                                               label="Text encoder", elem_id="text-encoder")
             with gr.Row():
                 start = gr.Button("Start", variant="primary", elem_id="start")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
         with gr.Column():
             status = gr.Markdown("No training run yet.", elem_id="train-status")
+            chart = gr.LinePlot(_losses([]), x="step", y="loss", title="Loss", height=220,
+                                elem_id="loss-chart")
             validation = gr.Gallery(
                 label="Validation grids, newest first",
                 columns=1,
@@ -74,34 +93,28 @@ def train_tab(folders: Folders, trainer: Trainer, base: gr.Dropdown, picker: Ada
             )
     job_state = gr.State(None)
 
-    def run(
-        job,
-        base_choice,
-        files,
-        folder_name,
-        before_folder_name,
-        preset_name,
-        adapter_name,
-        word,
-        step_count,
-        lora_rank,
-        ticked,
-    ):
+    def run(values: dict, request: gr.Request):
+        job = values[job_state]
         if job is not None and job.running:
             raise gr.Error("this page already has a run in progress; cancel it first")
-        request = TrainingRequest(
-            preset=preset_name or "",
-            name=adapter_name or "",
-            trigger_word=word or "",
-            steps=int(step_count or 0),
-            rank=int(lora_rank or 0),
-            base=base_choice or "",
-            uploads=[str(path) for path in files or []],
-            folder=folder_name or "",
-            before_folder=before_folder_name or "",
+        training = TrainingRequest(
+            preset=values[preset] or "",
+            name=values[name] or "",
+            trigger_word=values[trigger] or "",
+            steps=int(values[steps] or 0),
+            rank=int(values[rank] or 0),
+            base=values[base] or "",
+            uploads=[str(path) for path in values[uploads] or []],
+            folder=values[folder] or "",
+            before_folder=values[before_folder] or "",
+            before_uploads=[str(path) for path in values[before_uploads] or []],
+            learning_rate=values[learning_rate] or None,
+            resolution=int(values[resolution]) if values[resolution] else None,
+            targets=values[targets] or None,
+            text_encoder={"train": True, "frozen": False}.get(values[text_encoder]),
         )
         try:
-            job = trainer.start(request)
+            job = trainer.start(training, username(request))
         except SdloraError as error:
             raise gr.Error(str(error)) from None
         shown = 0
@@ -109,10 +122,12 @@ def train_tab(folders: Folders, trainer: Trainer, base: gr.Dropdown, picker: Ada
             images = job.validation_images()
             grids = _grids(images) if len(images) != shown else gr.skip()
             shown = len(images)
-            yield job, describe(job), grids, gr.skip(), gr.skip()
+            progress = describe(job, trainer.place_in_queue(job))
+            yield {job_state: job, status: progress, validation: grids, chart: _losses(job.losses)}
             time.sleep(POLL_SECONDS)
-        choices, words = picker.refresh(ticked)
-        yield job, describe(job), _grids(job.validation_images()), choices, words
+        cards = picker.refresh(values[base], values[picker.search], values[picker.box], request)
+        yield {job_state: job, status: describe(job), validation: _grids(job.validation_images()),
+               chart: _losses(job.losses), **dict(zip(picker.outputs, cards))}
 
     def stop(job):
         if job is None or not job.running:
@@ -122,17 +137,19 @@ def train_tab(folders: Folders, trainer: Trainer, base: gr.Dropdown, picker: Ada
 
     start.click(
         run,
-        [job_state, base, uploads, folder, before_folder, preset, name, trigger, steps, rank,
-         picker.box],
-        [job_state, status, validation, *picker.outputs],
+        {job_state, base, uploads, folder, before_folder, before_uploads, preset, name, trigger,
+         steps, rank, learning_rate, resolution, targets, text_encoder, picker.search, picker.box},
+        [job_state, status, validation, chart, *picker.outputs],
         concurrency_limit=None,
     )
     cancel.click(stop, job_state, status)
 
 
-def describe(job: TrainingJob) -> str:
-    """Step, loss and ETA while training; the outcome when done."""
+def describe(job: TrainingJob, ahead: int = 0) -> str:
+    """Place in the queue, then step, loss and ETA while training; the outcome when done."""
     name = job.config.output.name
+    if job.state == "queued":
+        return f"**{name}**: waiting for {ahead} run(s) before it to finish..."
     if job.state == "starting":
         return f"**{name}**: loading the base model and caching the images..."
     loss = f"{job.loss:.4f}" if job.loss is not None else "-"
@@ -154,3 +171,7 @@ def _grids(paths) -> list[tuple[Image.Image, str]]:
         with Image.open(path) as image:
             grids.append((image.copy(), path.stem))
     return grids
+
+
+def _losses(losses: list[tuple[int, float]]) -> pd.DataFrame:
+    return pd.DataFrame(losses, columns=["step", "loss"])

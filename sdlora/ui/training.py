@@ -1,12 +1,15 @@
 """What the Train tab runs: a preset config with the user's few choices, trained in a thread.
 
-    preset (configs/*.yaml) + base, images, name, trigger word, steps, rank -> Config
+    preset (configs/*.yaml) + base, images (and their unstyled originals), name, trigger word,
+    steps, rank, learning rate, resolution, targets, text encoder -> Config
     -> sdlora.train.loop.train in a background thread, `on_step` recording step and loss
-    -> {adapters}/runs/{name}/ (checkpoints, validation grids, logs)
-    -> the adapter copied to {adapters}/{name}.safetensors, where the Generate tab finds it
+    -> the run folder {adapters}[/{user}]/{name}/: the adapter {name}.safetensors beside its
+       checkpoints and validation grids, where the Generate tab's scan finds it (its newest
+       grid is its card picture)
 
-Cancel makes the next `on_step` raise KeyboardInterrupt: the loop saves a checkpoint and stops.
-One run at a time per server: training takes the whole machine.
+A name already taken in the user's folder gets a number (`ink-2`): a run never overwrites
+another. Cancel makes the next `on_step` raise KeyboardInterrupt: the loop saves a checkpoint
+and stops. One run trains at a time (it takes the whole machine); later ones wait in a queue.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import yaml
 from PIL import Image
 
 from sdlora.errors import SdloraError
-from sdlora.files import atomic_write
 from sdlora.train.config import from_dict, validate
 from sdlora.train.dataset import IMAGE_SUFFIXES
 from sdlora.ui.folders import PLAIN_NAME, Folders
@@ -45,23 +47,28 @@ class TrainingRequest:
     uploads: list[str] = field(default_factory=list)  # files the browser uploaded
     folder: str = ""  # an image folder inside --data-dir, instead of uploads
     before_folder: str = ""  # the same pictures unstyled, inside --data-dir (data.before_dir)
+    before_uploads: list[str] = field(default_factory=list)  # ... or uploaded, same file names
+    learning_rate: float | None = None  # None: the preset's
+    resolution: int | None = None
+    targets: str | None = None  # attention | transformer | full
+    text_encoder: bool | None = None
 
 
 class TrainingJob:
     """One run in a background thread; its fields are read by the UI while it trains."""
 
-    def __init__(self, config, adapters_dir: Path):
+    def __init__(self, config, machine: threading.Lock):
         self.config = config
-        self.adapters_dir = adapters_dir
         self.total_steps = config.train.steps
         self.step = 0
         self.loss: float | None = None
-        self.state = "starting"  # starting, training, finished, cancelled, failed
+        self.losses: list[tuple[int, float]] = []  # (step, loss) for the chart
+        self.state = "queued"  # queued, starting, training, finished, cancelled, failed
         self.message = ""
-        self.adapter_path: Path | None = None
         self._started = time.monotonic()
         self._first_step_at: float | None = None
         self._cancel = threading.Event()
+        self._machine = machine  # held while training: one run at a time
         self._thread = threading.Thread(
             target=self._run, name=f"train-{config.output.name}", daemon=True
         )
@@ -72,7 +79,11 @@ class TrainingJob:
 
     @property
     def running(self) -> bool:
-        return self.state in ("starting", "training")
+        return self.state in ("queued", "starting", "training")
+
+    @property
+    def adapter_path(self) -> Path:
+        return self.run_dir / f"{self.config.output.name}.safetensors"
 
     def start(self) -> TrainingJob:
         self._thread.start()
@@ -98,50 +109,57 @@ class TrainingJob:
         if self._first_step_at is None:
             self._first_step_at = time.monotonic()
         self.step, self.loss, self.state = step, loss, "training"
+        self.losses.append((step, loss))
         if self._cancel.is_set():
             raise KeyboardInterrupt
 
     def _run(self) -> None:
         from sdlora.train.loop import train
 
-        try:
-            # Training a name again is the user asking for a new adapter of that name.
-            trained = train(self.config, on_step=self._on_step, overwrite=True)
-            self.adapter_path = self.adapters_dir / trained.name
-            atomic_write(self.adapter_path, lambda temp: shutil.copyfile(trained, temp))
-            self.state = "finished"
-            self.message = f"adapter {self.adapter_path.stem} is ready in the Generate tab"
-        except KeyboardInterrupt:
-            self.state = "cancelled"
-            self.message = (
-                f"cancelled at step {self.step}; the last checkpoint is kept in "
-                f"{self.run_dir / 'checkpoints'}"
-            )
-        except SdloraError as error:
-            self.state, self.message = "failed", str(error)
-        except Exception as error:  # noqa: BLE001 - the browser gets the reason, not a hang
-            self.state, self.message = "failed", f"{type(error).__name__}: {error}"
-        self.message += f" ({time.monotonic() - self._started:.0f} s)"
+        with self._machine:
+            if self._cancel.is_set():
+                self.state, self.message = "cancelled", "cancelled while waiting for its turn"
+                return
+            self.state, self._started = "starting", time.monotonic()
+            try:
+                train(self.config, on_step=self._on_step)
+                self.state = "finished"
+                self.message = f"adapter {self.config.output.name} is ready in the Generate tab"
+            except KeyboardInterrupt:
+                self.state = "cancelled"
+                self.message = (
+                    f"cancelled at step {self.step}; the last checkpoint is kept in "
+                    f"{self.run_dir / 'checkpoints'}"
+                )
+            except SdloraError as error:
+                self.state, self.message = "failed", str(error)
+            except Exception as error:  # noqa: BLE001 - the browser gets the reason, not a hang
+                self.state, self.message = "failed", f"{type(error).__name__}: {error}"
+            self.message += f" ({time.monotonic() - self._started:.0f} s)"
 
 
 class Trainer:
     def __init__(self, folders: Folders):
         self.folders = folders
-        self.lock = threading.Lock()
-        self.job: TrainingJob | None = None
+        self.lock = threading.Lock()  # names are taken one request at a time
+        self.machine = threading.Lock()  # held by the run that trains
+        self.jobs: list[TrainingJob] = []
 
-    def start(self, request: TrainingRequest) -> TrainingJob:
+    def start(self, request: TrainingRequest, user: str | None = None) -> TrainingJob:
+        """Queue a run; it trains when the runs before it are done."""
         with self.lock:
-            if self.job is not None and self.job.running:
-                raise SdloraError(
-                    f"adapter {self.job.config.output.name!r} is training; one run at a time"
-                )
-            config = self.config_for(request)
-            self.job = TrainingJob(config, self.folders.adapters).start()
-            return self.job
+            job = TrainingJob(self.config_for(request, user), self.machine)
+            self.jobs = [*(queued for queued in self.jobs if queued.running), job]
+            return job.start()
 
-    def config_for(self, request: TrainingRequest):
-        """The preset with the request's choices; the images are copied into the run folder."""
+    def place_in_queue(self, job: TrainingJob) -> int:
+        """How many runs train or wait before `job`."""
+        waiting = [queued for queued in self.jobs if queued.running]
+        return waiting.index(job) if job in waiting else 0
+
+    def config_for(self, request: TrainingRequest, user: str | None = None):
+        """The preset with the request's choices; the images are copied into the run folder,
+        a new folder of the user's named after the adapter."""
         name = request.name.strip()
         trigger = request.trigger_word.strip()
         if not PLAIN_NAME.fullmatch(name):
@@ -151,23 +169,33 @@ class Trainer:
         if not 1 <= request.steps <= MAX_STEPS or not 1 <= request.rank <= MAX_RANK:
             raise SdloraError(f"steps must be 1-{MAX_STEPS} and rank 1-{MAX_RANK}")
         raw = yaml.safe_load(self.folders.preset(request.preset).read_text(encoding="utf-8"))
-        run_dir = self.folders.adapters / "runs" / name
+        name = _unused_name(self.folders.adapters_for(user), name)
+        run_dir = self.folders.adapters_for(user) / name
         data = raw.setdefault("data", {})
         data["instance_dir"] = str(self._images(request, run_dir / "images"))
         # A preset's originals pair with the preset's images, never with the user's.
-        data["before_dir"] = (str(self.folders.data_folder(request.before_folder))
-                              if request.before_folder.strip() else None)
+        data["before_dir"] = self._originals(request, run_dir / "originals")
         previous = data.get("trigger_word")
         data["instance_prompt"] = _with_trigger(data.get("instance_prompt", ""), previous, trigger)
         data["trigger_word"] = trigger
         validation = raw.setdefault("validation", {})
+        # Every run shows previews, also from a preset without validation prompts (the demo's):
+        # its instance prompt, at about four points of the run and at its end.
         validation["prompts"] = [
             _with_trigger(text, previous, trigger) for text in validation.get("prompts", [])
-        ]
+        ] or [data["instance_prompt"]]
+        validation["every"] = validation.get("every") or max(1, request.steps // 4)
         lora = raw.setdefault("lora", {})
         ratio = float(lora.get("alpha", lora.get("rank", 1))) / float(lora.get("rank", 1))
         lora["rank"], lora["alpha"] = request.rank, ratio * request.rank
-        raw.setdefault("train", {})["steps"] = request.steps
+        train_settings = raw.setdefault("train", {})
+        train_settings["steps"] = request.steps
+        for section, key, value in (("train", "learning_rate", request.learning_rate),
+                                    ("data", "resolution", request.resolution),
+                                    ("lora", "targets", request.targets),
+                                    ("lora", "text_encoder", request.text_encoder)):
+            if value is not None:
+                raw.setdefault(section, {})[key] = value
         raw["base"] = self.folders.base_source(request.base)
         raw["output"] = {**raw.get("output", {}), "dir": str(run_dir), "name": name}
         config = from_dict(raw)
@@ -181,12 +209,31 @@ class Trainer:
             raise SdloraError("upload some images or name a folder")
         if len(request.uploads) > MAX_UPLOADS:
             raise SdloraError(f"at most {MAX_UPLOADS} files per run")
-        checked = [_checked_upload(Path(upload)) for upload in request.uploads]
-        shutil.rmtree(destination, ignore_errors=True)  # a new run of this name: its own images
-        destination.mkdir(parents=True)
-        for upload in checked:
-            shutil.copyfile(upload, destination / Path(upload).name)
-        return destination
+        return _copy_uploads(request.uploads, destination)
+
+    def _originals(self, request: TrainingRequest, destination: Path) -> str | None:
+        if request.before_folder.strip():
+            return str(self.folders.data_folder(request.before_folder))
+        if request.before_uploads:
+            return str(_copy_uploads(request.before_uploads, destination))
+        return None
+
+
+def _unused_name(folder: Path, name: str) -> str:
+    """`name`, or `name-2`, `name-3`... when a run or adapter of that name is in `folder`."""
+    candidate, number = name, 1
+    while (folder / candidate).exists() or (folder / f"{candidate}.safetensors").exists():
+        number += 1
+        candidate = f"{name}-{number}"
+    return candidate
+
+
+def _copy_uploads(uploads: list[str], destination: Path) -> Path:
+    checked = [_checked_upload(Path(upload)) for upload in uploads]
+    destination.mkdir(parents=True)
+    for upload in checked:
+        shutil.copyfile(upload, destination / Path(upload).name)
+    return destination
 
 
 def _checked_upload(path: Path) -> Path:

@@ -26,16 +26,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def serve(base: str, adapters: Path, images: Path, auth: tuple[str, str] | None = None):
-    """Start the UI in this process on a free 127.0.0.1 port; returns (app, url)."""
+def serve(base: str, adapters: Path, images: Path, auth=None, **folders):
+    """Start the UI in this process on a free 127.0.0.1 port; returns (app, url). `auth` is
+    Gradio's: one (user, password) pair or a list of them; `folders` more Folders fields."""
     from sdlora.ui.command import build_app, launch
     from sdlora.ui.folders import Folders
     from sdlora.ui.studio import Studio
     from sdlora.ui.training import Trainer
 
-    folders = Folders(adapters=adapters, configs=PRESETS, default_base=base)
-    studio = Studio(folders, images)
-    app = build_app(folders, studio, Trainer(folders))
+    folders = Folders(adapters=adapters, configs=PRESETS, outputs=images, default_base=base,
+                      **folders)
+    app = build_app(folders, Studio(folders), Trainer(folders))
     port = free_port()
-    launch(app, studio, "127.0.0.1", port, auth=auth, block=False)
+    launch(app, "127.0.0.1", port, auth=auth, block=False)
     return app, f"http://127.0.0.1:{port}/"
