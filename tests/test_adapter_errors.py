@@ -13,19 +13,8 @@ from safetensors.torch import save_file
 from sdlora.adapters.core import Adapter, LoraLayer
 from sdlora.adapters.read import load_adapter, match_to_base
 from sdlora.adapters.write import save_adapter
-from sdlora.base.tiny import build_tiny_pipeline
 from sdlora.cli import main
 from sdlora.errors import SdloraError
-
-
-@pytest.fixture(scope="module")
-def sd1():
-    return build_tiny_pipeline("sd1")
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return build_tiny_pipeline("sdxl")
 
 
 class MakesDirectoryWhenUnpickled:

@@ -14,16 +14,6 @@ KEYS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
 LONG = "cat " * 149 + "dog"  # 150 tokens: two chunks
 
 
-@pytest.fixture(scope="module")
-def sd1():
-    return build_tiny_pipeline("sd1")
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return build_tiny_pipeline("sdxl")
-
-
 @pytest.fixture(params=["sd1", "sdxl"])
 def pipeline(request, sd1, sdxl):
     return {"sd1": sd1, "sdxl": sdxl}[request.param]

@@ -336,19 +336,9 @@ def test_loraplus_and_text_encoder_learning_rates():
     assert rates == pytest.approx([5e-5, 1e-4, 1.6e-3])
 
 
-def test_adamw8bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
-    import builtins
-
+def test_adamw8bit_without_bitsandbytes_is_a_clear_error(without_bitsandbytes):
     from sdlora.train.loop import make_optimizer
 
-    real_import = builtins.__import__
-
-    def no_bitsandbytes(name, *args, **kwargs):
-        if name == "bitsandbytes":
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
     config = from_dict({"base": "x", "data": {"instance_dir": "d", "instance_prompt": "p"},
                         "train": {"optimizer": "adamw8bit"}})
     with pytest.raises(SdloraError, match="pip install bitsandbytes"):

@@ -137,9 +137,7 @@ def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
     assert [step for step, _ in list_snapshots(tmp_path)] == [2, 3]
 
 
-def test_a_run_that_fails_its_checks_writes_nothing(tiny_sd1, tmp_path, monkeypatch):
-    import builtins
-
+def test_a_run_that_fails_its_checks_writes_nothing(tiny_sd1, tmp_path, monkeypatch, request):
     import sdlora.train.loop as loop
 
     config = tiny_config(tiny_sd1, tmp_path, train={"steps": 1})
@@ -152,14 +150,7 @@ def test_a_run_that_fails_its_checks_writes_nothing(tiny_sd1, tmp_path, monkeypa
         train(missing, overwrite=True)
     assert config_yaml.read_text() == before and config.adapter_path.exists()
 
-    real_import = builtins.__import__
-
-    def no_bitsandbytes(name, *args, **kwargs):
-        if name == "bitsandbytes":
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
+    request.getfixturevalue("without_bitsandbytes")
     monkeypatch.setattr(loop, "load_base", lambda *a, **k: pytest.fail("loaded the model"))
     eight_bit = tiny_config(tiny_sd1, tmp_path, train={"optimizer": "adamw8bit"})
     with pytest.raises(SdloraError, match="pip install bitsandbytes"):
