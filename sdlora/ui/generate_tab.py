@@ -27,12 +27,22 @@ from sdlora.ui.users import user_errors, username
 
 WEIGHT_RANGE = (-1.0, 2.0)
 WEIGHT_STEP = 0.05
-# Enter in an adapter's number box leaves the box, which is what renders (as Tab does).
+# Enter in an adapter's number box leaves the box, which is what renders (as Tab does); an
+# arrow key let go on an adapter's slider is a release, as letting go of the mouse is (Gradio
+# sends a slider's release on pointerup only).
 ENTER_LEAVES_WEIGHT_BOXES = """
 <script>
 document.addEventListener("keydown", (event) => {
   const box = event.target;
   if (event.key === "Enter" && box.matches?.(".adapter-weight input[type=number]")) box.blur();
+});
+document.addEventListener("keyup", (event) => {
+  const slider = event.target;
+  const keys = ["ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown", "PageUp", "PageDown",
+                "Home", "End"];
+  if (keys.includes(event.key) && slider.matches?.(".adapter-weight input[type=range]")) {
+    slider.dispatchEvent(new PointerEvent("pointerup", {bubbles: true}));
+  }
 });
 </script>
 """
@@ -97,9 +107,6 @@ def generate_tab(app: gr.Blocks, folders: Folders, studio: Studio,
                 return {name: [float(values[slider]) for slider in group]
                         for name, group in sliders.items()}
 
-            def remember(values: dict):
-                return {**values[tab.mix], **current_mix(values)}
-
             def run(values: dict, request: gr.Request):
                 user = username(request)
                 generation = form.request(values, current_mix(values), studio.history(user))
@@ -107,10 +114,13 @@ def generate_tab(app: gr.Blocks, folders: Folders, studio: Studio,
                 texts = [image.caption for image in images]
                 return [(str(image.path), image.caption) for image in images], texts, texts[0]
 
-            def run_if_live(values: dict, request: gr.Request):
+            def released(values: dict, request: gr.Request):
+                """A weight let go: kept in the mix state (for re-created sliders), and
+                rendered when live; one request does both."""
+                mix = {**values[tab.mix], **current_mix(values)}
                 if not values[live]:
-                    return gr.skip(), gr.skip(), gr.skip()
-                return run(values, request)
+                    return mix, gr.skip(), gr.skip(), gr.skip()
+                return mix, *run(values, request)
 
             def describe(values: dict, request: gr.Request):
                 user = username(request)
@@ -122,10 +132,12 @@ def generate_tab(app: gr.Blocks, folders: Folders, studio: Studio,
             outputs = [results, captions, settings]
             generate.click(run, inputs, outputs)
             show_command.click(describe, inputs, command)
+            # One event per release: it saves the weights and renders. (A .change event
+            # saving them as well would cost a round trip on every release, which the render
+            # waited behind; arrow keys on a slider end in a release too, see ENTER_LEAVES_WEIGHT_BOXES.)
             for slider in every_slider:
-                slider.change(remember, {tab.mix, *every_slider}, tab.mix,
-                              trigger_mode="always_last", show_progress="hidden")
-                slider.release(run_if_live, {live, *inputs}, outputs, trigger_mode="always_last")
+                slider.release(released, {live, tab.mix, *inputs}, [tab.mix, *outputs],
+                               trigger_mode="always_last", queue=False)
 
     return tab
 

@@ -71,6 +71,18 @@ def test_a_typed_weight_renders_on_enter(page):
     assert page.locator("#gallery").get_by_text("Drop Media Here").count() == 0
 
 
+def test_an_arrow_key_on_a_slider_renders_and_keeps_the_weight(page):
+    page.locator("#prompt textarea").fill("a lighthouse")
+    small_fast_settings(page)
+    page.locator("#adapters").get_by_label("oil").check()
+    page.locator("#weight-oil input[type=range]").press("ArrowRight")  # let go: a release
+    expect(page.locator("#settings textarea")).to_have_value(re.compile(r"<lora:oil:1\.05>"),
+                                                             timeout=SLOW)
+    page.locator("#adapters").get_by_label("ink").check()  # the sliders are re-created
+    page.locator("#weight-ink").wait_for()
+    expect(weight_box(page, "weight-oil")).to_have_value("1.05")
+
+
 def test_the_base_list_takes_no_typed_hub_id(page, tiny_sd1):
     base = page.locator("#base input")
     base.fill("someone/any-repository")
