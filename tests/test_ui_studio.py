@@ -131,8 +131,10 @@ def test_render_command_spells_out_the_bases_own_size(studio):
         request(weights={"oil": 1.0}, block_weights={"oil": {"mid": 0.5, "up.1": 0.0}}),
         request(weights={"oil": 0.8}, component_weights={"oil": {"text_encoder": 0.0}}),
         request(weights={"oil": 0.5}, prompt="a red circle <lora:ink:0.7>", clip_skip=2),
+        request(weights={"oil": 1.0}, prompt="a red circle <lora:ink:1@0.5-1>",
+                mix_mode="orthogonal"),
     ],
-    ids=["blocks", "components", "tag"],
+    ids=["blocks", "components", "tag", "schedule-and-mode"],
 )
 def test_render_command_and_png_reproduce_every_weight(studio, folders, tmp_path, generation):
     """The UI's picture, its "render command" and its own PNG settings give the same pixels."""
@@ -151,6 +153,12 @@ def test_render_command_and_png_reproduce_every_weight(studio, folders, tmp_path
             assert np.array_equal(np.asarray(png), expected), path
     for name in generation.weights:
         assert f"<lora:{name}:" in image.caption
+    if "@" in generation.prompt:  # the schedule and the mode reach the picture and its PNG
+        assert image.settings["lora_schedules"] == {"ink": "@0.5-1"}
+        assert image.settings["mix_mode"] == "orthogonal"
+        unscheduled = pixels(studio, request(weights=generation.weights,
+                                             prompt="a red circle <lora:ink:1>"))
+        assert not np.array_equal(unscheduled, expected)
     parts = generation.block_weights or generation.component_weights
     if parts:
         assert "--block-weights" in words

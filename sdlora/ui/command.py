@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="generated images, in date folders (a folder per user with a login)",
     )
     parser.add_argument("--models-dir", help="folder of local base models users may choose")
+    parser.add_argument("--embeddings-dir",
+                        help="textual-inversion embeddings, used where a prompt names them")
     parser.add_argument(
         "--allow-base",
         action="append",
@@ -97,7 +99,7 @@ def folders_from_args(args: argparse.Namespace) -> Folders:
         raise SdloraError(f"--adapters-dir {adapters}: {error.strerror or error}") from None
     outputs = _outputs_folder(Path(args.outputs_dir))
     optional = {}
-    for key in ("models_dir", "data_dir"):
+    for key in ("models_dir", "data_dir", "embeddings_dir"):
         value = getattr(args, key)
         if value is not None and not Path(value).is_dir():
             raise SdloraError(f"--{key.replace('_', '-')} {value} is not a folder")

@@ -101,7 +101,8 @@ class Folders:
     """`adapters`: adapters to mix, and where trained ones are written. `outputs`: generated
     images (history). `models`: local bases users may pick (optional). `data`: training image
     folders users may name (optional). `configs`: preset training configs. `default_base`: the
-    operator's --base. `allowed_bases`: other bases (hub ids too) users may pick."""
+    operator's --base. `allowed_bases`: other bases (hub ids too) users may pick.
+    `embeddings`: A1111's embeddings folder, named in prompts (optional)."""
 
     adapters: Path
     configs: Path
@@ -110,6 +111,7 @@ class Folders:
     models: Path | None = None
     data: Path | None = None
     allowed_bases: tuple[str, ...] = ()
+    embeddings: Path | None = None
     _scanned: dict[Path, tuple[int, AdapterInfo | None]] = field(default_factory=dict, repr=False)
 
     # -- users ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from sdlora.mix.block_weights import UNET_BLOCKS
+from sdlora.mix.modes import DEFAULT_MIX_MODE, MIX_MODES
 from sdlora.render.defaults import DEFAULT_CFG, DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_CLIP_SKIP
 from sdlora.render.init_images import DEFAULT_HIRES_STRENGTH, DEFAULT_STRENGTH
 from sdlora.render.prompts import prompt_row
@@ -51,6 +52,7 @@ class GenerateForm:
     strength: gr.Slider
     hires_scale: gr.Slider
     hires_strength: gr.Slider
+    mix_mode: gr.Dropdown
 
     @property
     def components(self) -> list:
@@ -89,6 +91,7 @@ class GenerateForm:
             strength=float(values[self.strength]) if init else None,
             hires_scale=hires if hires > 1 and not init else None,
             hires_strength=float(values[self.hires_strength]) if hires > 1 and not init else None,
+            mix_mode=values[self.mix_mode],
         )
 
     def filled(self, settings: dict, folders: Folders, user: str | None,
@@ -100,6 +103,10 @@ class GenerateForm:
         loras = {**settings.get("loras", {}), **row.loras}
         components = {**settings.get("lora_components", {}), **row.lora_components}
         blocks = settings.get("lora_blocks", {})
+        # a weight schedule lives in its prompt tag (<lora:name:1@0.5-1>): put it back there
+        schedules = {**settings.get("lora_schedules", {}), **row.lora_schedules}
+        tags = "".join(f" <lora:{name}:{loras[name]:g}{schedule}>"
+                       for name, schedule in schedules.items() if name in loras)
         known = {info.name for info in folders.list_adapters(user)}
         missing = sorted(name for name in loras if name not in known)
         if missing:
@@ -107,7 +114,7 @@ class GenerateForm:
         mix = {name: _parts(weight, components.get(name, {}), blocks.get(name, {}))
                for name, weight in loras.items() if name in known}
         values = {
-            self.prompt: row.prompt,
+            self.prompt: row.prompt + tags,
             self.negative: row.negative or "",
             self.seed: settings.get("seed", 0),
             self.steps: settings.get("steps", DEFAULT_STEPS),
@@ -120,6 +127,7 @@ class GenerateForm:
             self.hires_scale: settings.get("hires_scale") or 1,
             self.hires_strength: settings.get("hires_strength") or DEFAULT_HIRES_STRENGTH,
             self.init: _editor_value(settings.get("init_image"), settings.get("mask"), history),
+            self.mix_mode: settings.get("mix_mode", DEFAULT_MIX_MODE),
         }
         return values, list(mix), mix
 
@@ -144,6 +152,9 @@ def generate_form(base: gr.Dropdown) -> GenerateForm:
                               elem_id="clip-skip", interactive=True)
         batch = gr.Slider(1, MAX_BATCH, 1, step=1, label="Batch count", elem_id="batch",
                           interactive=True)
+        mix_mode = gr.Dropdown(list(MIX_MODES), value=DEFAULT_MIX_MODE, label="Mix mode",
+                               info="orthogonal: what two adapters share counts once",
+                               elem_id="mix-mode", interactive=True)
     with gr.Accordion("img2img, inpainting, hires fix", open=False, elem_id="image-options"):
         init = gr.ImageMask(label="Init image: paint where to repaint (no paint: img2img)",
                             type="pil", elem_id="init-image", height=320, interactive=True)
@@ -156,7 +167,7 @@ def generate_form(base: gr.Dropdown) -> GenerateForm:
                                        label="Hires denoising strength",
                                        elem_id="hires-strength", interactive=True)
     return GenerateForm(base, prompt, negative, seed, steps, cfg, width, height, scheduler,
-                        clip_skip, batch, init, strength, hires_scale, hires_strength)
+                        clip_skip, batch, init, strength, hires_scale, hires_strength, mix_mode)
 
 
 def _size_slider(label: str) -> gr.Slider:

@@ -24,6 +24,7 @@ import torch
 
 from sdlora.errors import SdloraError
 from sdlora.mix.block_weights import format_block_spec
+from sdlora.mix.modes import DEFAULT_MIX_MODE
 from sdlora.render.defaults import DEFAULT_CFG, DEFAULT_SCHEDULER, DEFAULT_STEPS
 from sdlora.render.init_images import InitImage, read_init_images
 from sdlora.render.prompts import prompt_row
@@ -59,6 +60,7 @@ class GenerationRequest:
     strength: float | None = None
     hires_scale: float | None = None
     hires_strength: float | None = None
+    mix_mode: str = DEFAULT_MIX_MODE
 
     def image_requests(self, seed: int) -> list[ImageRequest]:
         """The request as one `ImageRequest` per image of the batch (seeds counting up from
@@ -85,6 +87,8 @@ class GenerationRequest:
                 loras=loras,
                 lora_components={k: v for k, v in components.items() if v},
                 lora_blocks={k: v for k, v in self.block_weights.items() if v},
+                lora_schedules=dict(row.lora_schedules),
+                mix_mode=self.mix_mode,
                 init_image=self.init_image,
                 mask=self.mask,
                 strength=self.strength,
@@ -171,7 +175,9 @@ class Studio:
     def _use_base(self, source: str) -> GenerationSession:
         if self._session is None or self._session.source != source:
             self._session = None  # free the old base before loading the next
-            self._session = GenerationSession(source, self.device)
+            self._session = GenerationSession(
+                source, self.device, embeddings_dir=self.folders.embeddings
+            )
         return self._session
 
     def loaded_family(self, choice: str) -> str | None:
@@ -202,6 +208,8 @@ def render_command(
     is the family's resolution, which a small base may not share."""
     (first, *_) = request.image_requests(request.seed if request.seed != -1 else 0)
     words = ["sdlora", "render", "--base", folders.base_source(request.base)]
+    if folders.embeddings is not None:
+        words += ["--embeddings-dir", str(folders.embeddings)]
     for name, weight in first.active_loras.items():
         words += ["--lora", f"{folders.adapter_path(name, user)}:{weight:g}"]
     for name in first.active_loras:
@@ -210,7 +218,12 @@ def render_command(
         )
         if spec:
             words += ["--block-weights", f"{name}={spec}"]
-    words += ["--prompt", first.prompt]
+    # a weight schedule has no flag: its tag goes back into the prompt (it overrides --lora)
+    scheduled = "".join(
+        f" <lora:{name}:{first.loras[name]:g}{schedule}>"
+        for name, schedule in first.lora_schedules.items()
+    )
+    words += ["--prompt", first.prompt + scheduled]
     if first.negative:
         words += ["--negative", first.negative]
     words += ["--seed", str(request.seed), "--steps", str(request.steps)]
@@ -219,6 +232,8 @@ def render_command(
         if size or native_size:
             words += [flag, str(size or native_size)]
     words += ["--scheduler", request.scheduler]
+    if request.mix_mode != DEFAULT_MIX_MODE:
+        words += ["--mix-mode", request.mix_mode]
     if request.clip_skip != 1:
         words += ["--clip-skip", str(request.clip_skip)]
     for flag, value in (("--init-image", request.init_image), ("--mask", request.mask),
