@@ -1,9 +1,10 @@
 """Thread counts under load: why sdlora's default counts free cores (sdlora/threads.py).
 
-Renders one picture of the demo base (64 px, 20 steps) in a fresh `sdlora render` process with
-1 thread, with every core, and with sdlora's default, on the machine as it is ("idle") and with
-one busy-looping process per core but one ("loaded"). Prints wall time per setting and the
-ratio to 1 thread in the same condition.
+Renders one picture of the demo base (--size px, --steps steps) in a fresh `sdlora render`
+process with 1 thread, with every core, with every core and spinning OpenMP waits
+(OMP_WAIT_POLICY=ACTIVE: what sdlora's passive default prevents), and with sdlora's default,
+on the machine as it is ("idle") and with one busy-looping process per core but one
+("loaded"). Prints wall time per setting and the ratio to 1 thread in the same condition.
 
     python bench/threads.py [--repeats 3]
 """
@@ -25,10 +26,11 @@ def busy_loop() -> None:
         pass
 
 
-def render_seconds(threads: str | None, env: dict) -> float:
+def render_seconds(threads: str | None, env: dict, size: int, steps: int) -> float:
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "-m", "sdlora", "render", "--base", "demo", "--prompt",
-                   "a red circle on a blue background", "--steps", "20", "--out", out]
+                   "a red circle on a blue background", "--steps", str(steps),
+                   "--width", str(size), "--height", str(size), "--out", out]
         if threads:
             command += ["--threads", threads]
         start = time.perf_counter()
@@ -39,10 +41,18 @@ def render_seconds(threads: str | None, env: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    settings = {"1 thread": "1", f"{cores} threads": str(cores), "sdlora default": None}
+    spinning = {**env, "OMP_WAIT_POLICY": "ACTIVE"}
+    settings = {
+        "1 thread": ("1", env),
+        f"{cores} threads": (str(cores), env),
+        f"{cores} threads, spinning waits": (str(cores), spinning),
+        "sdlora default": (None, env),
+    }
     print(f"| condition | threads | wall s (median of {args.repeats}) | vs 1 thread |")
     print("|---|---|---|---|")
     for condition in ("idle", "loaded"):
@@ -55,8 +65,11 @@ def main() -> None:
             time.sleep(2)
         try:
             times = {
-                label: statistics.median(render_seconds(threads, env) for _ in range(args.repeats))
-                for label, threads in settings.items()
+                label: statistics.median(
+                    render_seconds(threads, environment, args.size, args.steps)
+                    for _ in range(args.repeats)
+                )
+                for label, (threads, environment) in settings.items()
             }
         finally:
             for hog in hogs:
