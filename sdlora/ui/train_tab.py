@@ -174,4 +174,7 @@ def _grids(paths) -> list[tuple[Image.Image, str]]:
 
 
 def _losses(losses: list[tuple[int, float]]) -> pd.DataFrame:
-    return pd.DataFrame(losses, columns=["step", "loss"])
+    """Numeric columns also when empty: the chart keeps the axis types of its first value, and an
+    empty frame's object columns would make both axes categorical (a rank plot, not a curve)."""
+    frame = pd.DataFrame(losses, columns=["step", "loss"])
+    return frame.astype({"step": "int64", "loss": "float64"})
