@@ -188,3 +188,12 @@ def test_the_demo_preset_gets_previews_and_the_advanced_choices(tiny_sd1, tmp_pa
     assert (config.lora.targets, config.lora.text_encoder) == ("attention", True)
     assert sorted(p.name for p in Path(config.data.before_dir).iterdir()) == [
         "upload0.png", "upload1.png"]
+
+
+def test_originals_of_other_names_are_refused_before_the_run_queues(folders, tmp_path):
+    styled = images(tmp_path / "up")
+    originals = [str(Path(path).rename(Path(path).with_stem("photo"))) for path in
+                 images(tmp_path / "plain", count=1)]
+    with pytest.raises(SdloraError, match=r"no original for 2 of the 2 images \(first: upload0"):
+        Trainer(folders).config_for(request(styled, before_uploads=originals))
+    assert not any(folders.adapters.iterdir())  # nothing copied, the name is still free

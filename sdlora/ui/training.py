@@ -168,6 +168,8 @@ class Trainer:
             raise SdloraError("give a trigger word, e.g. sks")
         if not 1 <= request.steps <= MAX_STEPS or not 1 <= request.rank <= MAX_RANK:
             raise SdloraError(f"steps must be 1-{MAX_STEPS} and rank 1-{MAX_RANK}")
+        if request.before_uploads and not request.folder.strip():
+            _check_pairs(request.uploads, request.before_uploads)
         raw = yaml.safe_load(self.folders.preset(request.preset).read_text(encoding="utf-8"))
         name = _unused_name(self.folders.adapters_for(user), name)
         run_dir = self.folders.adapters_for(user) / name
@@ -226,6 +228,17 @@ def _unused_name(folder: Path, name: str) -> str:
         number += 1
         candidate = f"{name}-{number}"
     return candidate
+
+
+def _check_pairs(uploads: list[str], originals: list[str]) -> None:
+    """Refuse, before the run queues, uploaded images without an uploaded original of the same
+    name (a.png may pair with a.jpg): the trainer would fail on them only when its turn came."""
+    names = {Path(original).stem for original in originals}
+    images = [Path(upload).name for upload in uploads if Path(upload).suffix.lower() != CAPTION_SUFFIX]
+    missing = [name for name in images if Path(name).stem not in names]
+    if missing:
+        raise SdloraError(f"no original for {len(missing)} of the {len(images)} images (first: "
+                          f"{missing[0]}): upload each one's unstyled picture under its file name")
 
 
 def _copy_uploads(uploads: list[str], destination: Path) -> Path:
