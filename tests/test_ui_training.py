@@ -197,3 +197,11 @@ def test_originals_of_other_names_are_refused_before_the_run_queues(folders, tmp
     with pytest.raises(SdloraError, match=r"no original for 2 of the 2 images \(first: upload0"):
         Trainer(folders).config_for(request(styled, before_uploads=originals))
     assert not any(folders.adapters.iterdir())  # nothing copied, the name is still free
+
+
+def test_a_refused_request_leaves_no_run_folder_behind(folders, tmp_path):
+    trainer = Trainer(folders)
+    with pytest.raises(SdloraError, match="resolution must be a multiple of 8"):
+        trainer.config_for(request(images(tmp_path / "up"), resolution=65))
+    assert not any(folders.adapters.iterdir())
+    assert trainer.config_for(request(images(tmp_path / "up"))).output.name == "ink"

@@ -173,6 +173,15 @@ class Trainer:
         raw = yaml.safe_load(self.folders.preset(request.preset).read_text(encoding="utf-8"))
         name = _unused_name(self.folders.adapters_for(user), name)
         run_dir = self.folders.adapters_for(user) / name
+        try:
+            return self._configured(raw, request, run_dir, name)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a refused run keeps no folder, nor its name
+            raise
+
+    def _configured(self, raw: dict, request: TrainingRequest, run_dir: Path, name: str):
+        """The preset `raw` with the request's choices, its uploads copied into `run_dir`."""
+        trigger = request.trigger_word.strip()
         data = raw.setdefault("data", {})
         data["instance_dir"] = str(self._images(request, run_dir / "images"))
         # A preset's originals pair with the preset's images, never with the user's.
