@@ -112,6 +112,8 @@ def test_a_second_run_waits_its_turn_then_trains(page, browser, ui_url, tmp_path
     page.locator("#start").click()
     expect(page.locator("#train-status")).to_contain_text(re.compile(r"step \d+ / 10000"),
                                                           timeout=RUN)
+    # the chart draws while a run trains, not only when it ends
+    expect(page.locator('#loss-chart [aria-roledescription="point"]').first).to_be_attached()
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     try:
         other = context.new_page()
