@@ -44,6 +44,12 @@ def sd1():
 
 
 @pytest.fixture(scope="module")
+def pristine_sd1():
+    """A tiny SD1 pipeline that tests copy before changing (building one takes seconds)."""
+    return build_tiny_pipeline("sd1")
+
+
+@pytest.fixture(scope="module")
 def sdxl():
     """A tiny SDXL pipeline in memory, one per test module."""
     return build_tiny_pipeline("sdxl")

@@ -15,7 +15,6 @@ from factories import random_adapter
 from torch.overrides import TorchFunctionMode
 
 from sdlora.adapters.core import Adapter, LohaLayer, LokrLayer
-from sdlora.base.tiny import build_tiny_pipeline
 from sdlora.errors import SdloraError
 from sdlora.mix import fuse
 from sdlora.mix.mixer import Mixer
@@ -64,11 +63,6 @@ def assert_close(actual: dict, expected: dict, rtol: float = 1e-5) -> None:
     for key, value in expected.items():
         error = (actual[key].float() - value.float()).norm() / max(value.float().norm(), 1e-12)
         assert error <= rtol, f"{key}: relative error {error:.2e}"
-
-
-@pytest.fixture(scope="module")
-def pristine_sd1():
-    return build_tiny_pipeline("sd1")
 
 
 @pytest.fixture()

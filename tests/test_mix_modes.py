@@ -17,11 +17,6 @@ from sdlora.mix.schedules import WeightSchedule, format_schedule, parse_weight_t
 from sdlora.render.prompts import prompt_row
 
 
-@pytest.fixture(scope="module")
-def pristine_sd1():
-    return build_tiny_pipeline("sd1")
-
-
 @pytest.fixture()
 def sd1(pristine_sd1):
     return copy.deepcopy(pristine_sd1)
