@@ -56,7 +56,7 @@ def render_command(args) -> None:
         record = session.record(job.request, job.init, **job.place)
         path, exists = find_or_free(out, job.name, record)
         if not exists:
-            session.generate(job.request, job.init, **job.place).write(path)
+            session.generate(job.request, job.init, record).write(path)
             written += 1
     where = (
         f" (process {state.process_index + 1}/{state.num_processes})"

@@ -100,15 +100,7 @@ def generate_image(
     size = init_output_size(init_image.size, width, height, pipeline.vae_scale_factor)
     source = _resized(init_image, size, Image.LANCZOS)
     if mask is None:
-        return run(
-            variant(pipeline, "img2img"),
-            conditioning,
-            steps,
-            cfg,
-            generator,
-            image=source,
-            strength=_steps_strength(strength, steps),
-        )
+        return _img2img(run, pipeline, source, strength, conditioning, steps, cfg, generator)
     if mask.size != init_image.size:
         raise SdloraError(
             f"mask is {mask.size[0]}x{mask.size[1]} but the init image is "
@@ -167,14 +159,20 @@ def _hires_pass(run, pipeline, picture, hires, conditioning, steps, cfg, generat
         int(picture.height * hires.scale),
         pipeline.vae_scale_factor,
     )
+    source = picture.resize(size, Image.LANCZOS)
+    return _img2img(run, pipeline, source, hires.strength, conditioning, steps, cfg, generator)
+
+
+def _img2img(run, pipeline, source, strength, conditioning, steps, cfg, generator) -> Image.Image:
+    """`source` repainted at `strength` (img2img itself, and the hires fix's second pass)."""
     return run(
         variant(pipeline, "img2img"),
         conditioning,
         steps,
         cfg,
         generator,
-        image=picture.resize(size, Image.LANCZOS),
-        strength=_steps_strength(hires.strength, steps),
+        image=source,
+        strength=_steps_strength(strength, steps),
     )
 
 

@@ -238,13 +238,16 @@ class GenerationSession:
         return record
 
     def generate(
-        self, request: ImageRequest, init: InitImage | None = None, **place
+        self, request: ImageRequest, init: InitImage | None = None,
+        record: dict | None = None, **place
     ) -> RenderedImage:
-        """Draw `request` (see the module docstring); the lock is held throughout."""
+        """Draw `request` (see the module docstring); the lock is held throughout. `record`:
+        what `record(request, init, **place)` returned, when the caller already asked for it
+        (it hashes the input files and looks up embeddings)."""
         request.check()
         image, mask = init.load() if init is not None else (None, None)
         with self.lock:
-            record = self.record(request, init, **place)
+            record = record or self.record(request, init, **place)
             self._apply_mix(request)
             self.pipeline.scheduler = build_scheduler(request.scheduler, self.scheduler_config)
             generator = torch.Generator("cpu").manual_seed(request.seed)
