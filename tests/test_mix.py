@@ -186,6 +186,29 @@ def test_weights_after_any_history_equal_a_fresh_mixers_bit_for_bit(
         assert_close(snapshot(pipeline), expected_fuse(base, list(adapters.values()), settings))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_bits_do_not_depend_on_the_thread_count(pristine_sd1, dtype, monkeypatch):
+    """Modules are shared out over torch's threads, each fused by one thread: the same mix gives
+    the same bits on 1 and 3 threads, and torch's thread count is restored afterwards."""
+    monkeypatch.setattr(fuse, "TILE_ELEMENTS", 64)
+    threads_before = torch.get_num_threads()
+    fused = []
+    for threads in (1, 3):
+        pipeline = copy.deepcopy(pristine_sd1).to(dtype)
+        mixer = Mixer(pipeline)
+        for weight, adapter in zip((0.7, -0.4, 1.2), mixed_adapters(pipeline)):
+            mixer.add(adapter, weight)
+        torch.set_num_threads(threads)
+        try:
+            mixer.set_weights({"lora1": 0.3})
+            mixer.set_block_weights("lora2", {"up": 0.5})
+            assert torch.get_num_threads() == threads
+        finally:
+            torch.set_num_threads(threads_before)
+        fused.append(snapshot(pipeline))
+    assert all(torch.equal(fused[0][key], fused[1][key]) for key in fused[0])
+
+
 def fresh_mix(pristine, dtype, adapters: dict[str, Adapter], mix) -> dict[str, torch.Tensor]:
     """The weights a fresh Mixer on a fresh pipeline fuses for `mix`, adapters loaded in
     reverse order."""

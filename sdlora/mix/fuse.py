@@ -13,18 +13,24 @@ The recompute, in float32 on the weight's device, adapters in name order:
         + c_k * delta_k for each other layer (LoHa, LoKr: dense deltas)
 One GEMM over the concatenated ranks reads the base and writes the weight once, instead of a
 copy plus one pass per adapter. On the CPU it runs in row tiles of TILE_ELEMENTS, so the base
-rows, the product and the weight rows meet in the cache (bench/RESULTS-mix.md has the numbers).
+rows, the product and the weight rows meet in the cache. `refuse_all` shares the modules a
+change touches out over torch's threads, each module fused by one thread: small GEMMs split
+across threads wait on each other (with sleeping OpenMP waiters, slower than one thread),
+whole modules per thread do not, and a module's bits do not depend on the thread count
+(bench/RESULTS-mix.md has the numbers).
 
 Memory: the base copy lives on the weight's device in the weight's dtype, so a change copies
 nothing between host and device; it costs one copy of every fused module (SD1.5 attention:
-122 M parameters, 244 MB in fp16). Each adapter's factors are kept on that device in float32
-(a few MB per adapter).
+122 M parameters, 244 MB in fp16), made tile by tile by the first fuse, in the same pass.
+Each adapter's factors are kept on that device in float32 (a few MB per adapter).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -32,6 +38,20 @@ from sdlora.adapters.core import Layer, LoraLayer
 
 # 128 Ki floats = 512 KiB per tile: base rows and weight rows fit in L2 together.
 TILE_ELEMENTS = 1 << 17
+
+@dataclasses.dataclass
+class _Factors:
+    """One module's factors for one set of contributing adapters, in name order."""
+
+    names: tuple[str, ...]
+    down: torch.Tensor  # (sum of ranks, columns): the LoRA downs, concatenated
+    # (adapter, scale, up, its columns of scaled_up) of each LoRA layer
+    lora: list[tuple[str, float, torch.Tensor, torch.Tensor]]
+    dense: list[tuple[str, torch.Tensor]]  # (adapter, delta) of the other layers
+    scaled_up: torch.Tensor  # (rows, sum of ranks): each up x coefficient x scale
+    scaled_by: list[float | None]  # the coefficient each LoRA layer's columns hold now
+    tiles: list | None = None  # FusedModule._tiles, made at the first fuse
+    tiles_of: int = 0  # the data pointer of the weight they view
 
 
 class FusedModule:
@@ -45,11 +65,13 @@ class FusedModule:
         self.gram: dict[tuple[str, str], float] = {}  # (a, b) -> <delta_a, delta_b>
         self.base: torch.Tensor | None = None  # made when something is first fused
         self._device_layers: dict[str, Layer] = {}  # adapter -> its layer in fp32 on device
+        self._factors: _Factors | None = None  # of the adapters fused last
 
     def forget(self, name: str) -> None:
         """Drop adapter `name`'s device copy and inner products (after its contribution went
         to 0)."""
         self._device_layers.pop(name, None)
+        self._factors = None
         self.gram = {pair: value for pair, value in self.gram.items() if name not in pair}
 
     @torch.no_grad()
@@ -57,7 +79,8 @@ class FusedModule:
         """Set the weight to base + sum of coefficient * delta over `coefficients` (adapter ->
         coefficient as fused), and remember them as `fused`.
 
-        `layers` maps each contributing adapter to its layer on this module.
+        `layers` maps each contributing adapter to its layer on this module. Safe to run on
+        another thread beside other modules' refuses (`refuse_all`).
         """
         self.fused = dict(coefficients)
         weight = self.weight.data
@@ -65,49 +88,84 @@ class FusedModule:
             if self.base is not None:
                 weight.copy_(self.base)
             return
-        if self.base is None:
-            self.base = weight.clone(memory_format=torch.contiguous_format)
-        rows = weight.shape[0]
-        base = self.base.view(rows, -1)
-        up, down, dense = self._terms(layers)
-        in_place = weight.dtype == torch.float32 and weight.is_contiguous()
-        if weight.is_contiguous():
-            tiles, target = _row_tiles(rows, base.shape[1], weight.device), weight.view(rows, -1)
-        else:  # e.g. channels_last: fused whole, then copied in the weight's own layout
-            tiles, target = [slice(0, rows)], None
-        for tile in tiles:
-            base_rows = base[tile] if base.dtype == torch.float32 else base[tile].float()
-            out = target[tile] if in_place else None
-            fused = torch.addmm(base_rows, up[tile], down, out=out)
+        copy_base = self.base is None  # copied tile by tile below, while the rows are in cache
+        if copy_base:
+            self.base = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        down, dense = self._terms(layers)
+        fp32 = self.base.dtype == torch.float32
+        for rows, base_rows, up_rows, weight_rows in self._tiles():
+            if weight_rows is None:  # e.g. channels_last: fused whole, then copied in its layout
+                if copy_base:
+                    self.base.copy_(weight)
+                fused = torch.addmm(base_rows.float(), up_rows, down)
+            else:
+                if copy_base:
+                    base_rows.copy_(weight_rows)
+                out = weight_rows if fp32 else None  # else fused in fp32, then cast
+                fused = torch.addmm(base_rows if fp32 else base_rows.float(), up_rows, down, out=out)
             for coefficient, delta in dense:
-                fused.add_(delta[tile], alpha=coefficient)
-            if target is None:
+                fused.add_(delta[rows], alpha=coefficient)
+            if weight_rows is None:
                 weight.copy_(fused.view(weight.shape))
-            elif not in_place:
-                target[tile].copy_(fused)
+            elif not fp32:
+                weight_rows.copy_(fused)
+
+    def _tiles(self) -> list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """(rows, base rows, scaled up rows, weight rows or None) per row tile of the current
+        factors; kept with them, since making a view costs as much as a small tile's GEMM."""
+        factors, weight = self._factors, self.weight.data
+        if factors.tiles is None or factors.tiles_of != weight.data_ptr():  # moved: views anew
+            factors.tiles_of = weight.data_ptr()
+            rows = weight.shape[0]
+            base = self.base.view(rows, -1)
+            if weight.is_contiguous():
+                target = weight.view(rows, -1)
+                factors.tiles = [
+                    (tile, base[tile], factors.scaled_up[tile], target[tile])
+                    for tile in _row_tiles(rows, base.shape[1], weight.device)
+                ]
+            else:
+                factors.tiles = [(slice(0, rows), base, factors.scaled_up, None)]
+        return factors.tiles
 
     def _terms(self, layers: Mapping[str, Layer]):
-        """(up, down) of the LoRA layers, concatenated in name order with each coefficient and
-        scale folded into up; and (coefficient, dense delta) of the other layers."""
+        """The LoRA layers' down, concatenated in name order, and (coefficient, dense delta) of
+        the other layers; the ups, concatenated alike, are written into the factors' scaled_up
+        with each adapter's coefficient and scale.
+
+        The concatenated factors are kept while the same adapters contribute: a slider change
+        allocates nothing.
+        """
+        names = tuple(sorted(self.fused))
+        if self._factors is None or self._factors.names != names:
+            self._factors = self._gather(names, layers)
+        factors = self._factors
+        for index, (name, scale, up, scaled_up) in enumerate(factors.lora):
+            if factors.scaled_by[index] != self.fused[name]:  # the others' columns are as they were
+                torch.mul(up, self.fused[name] * scale, out=scaled_up)
+                factors.scaled_by[index] = self.fused[name]
+        return factors.down, [(self.fused[name], delta) for name, delta in factors.dense]
+
+    def _gather(self, names: tuple[str, ...], layers: Mapping[str, Layer]) -> _Factors:
         rows = self.weight.shape[0]
         columns = self.weight.numel() // rows
-        ups, downs, dense = [], [], []
-        for name in sorted(self.fused):
-            coefficient = self.fused[name]
+        device = self.weight.device
+        ups, downs, lora_names, dense = [], [], [], []
+        for name in names:
             layer = self._on_device(name, layers[name])
             if isinstance(layer, LoraLayer):
-                ups.append(layer.up.flatten(1) * (coefficient * layer.scale))
+                ups.append(layer.up.flatten(1))
                 downs.append(layer.down.flatten(1))
+                lora_names.append((name, layer.scale))
             else:
-                dense.append((coefficient, layer.delta(torch.float32).reshape(rows, -1)))
-        device = self.weight.device
-        if not ups:
-            return (
-                torch.zeros(rows, 0, device=device),
-                torch.zeros(0, columns, device=device),
-                dense,
-            )
-        return torch.cat(ups, dim=1), torch.cat(downs, dim=0), dense
+                dense.append((name, layer.delta(torch.float32).reshape(rows, -1)))
+        down = torch.cat(downs, dim=0) if downs else torch.zeros(0, columns, device=device)
+        scaled_up = torch.empty(rows, down.shape[0], device=device)
+        lora, start = [], 0
+        for (name, scale), up in zip(lora_names, ups):
+            lora.append((name, scale, up, scaled_up[:, start:start + up.shape[1]]))
+            start += up.shape[1]
+        return _Factors(names, down, lora, dense, scaled_up, [None] * len(lora))
 
     def _on_device(self, name: str, layer: Layer) -> Layer:
         """`layer` with its tensors in float32 on the weight's device, copied once."""
@@ -127,3 +185,50 @@ def _row_tiles(rows: int, columns: int, device: torch.device) -> Iterator[slice]
     step = max(1, TILE_ELEMENTS // columns) if device.type == "cpu" else rows
     for start in range(0, rows, step):
         yield slice(start, start + step)
+
+
+_workers: dict[int, ThreadPoolExecutor] = {}  # thread count -> its pool, made once
+
+
+def refuse_all(refuses: list[tuple[FusedModule, Callable[[], None]]], threads: int) -> None:
+    """Run each module's refuse, shared out over `threads` threads by the modules' sizes.
+
+    Call it inside `one_thread_per_op`: each module is then fused by one thread, so its bits do
+    not depend on the thread count, and the threads never wait on each other mid-module.
+    """
+    threads = min(threads, len(refuses))
+    if threads <= 1:
+        _run_in_order([refuse for _, refuse in refuses])
+        return
+    shares: list[list[Callable[[], None]]] = [[] for _ in range(threads)]
+    loads = [0] * threads
+    for module, refuse in sorted(refuses, key=lambda item: -item[0].weight.numel()):
+        emptiest = loads.index(min(loads))
+        shares[emptiest].append(refuse)
+        loads[emptiest] += module.weight.numel()
+    if threads not in _workers:
+        _workers[threads] = ThreadPoolExecutor(threads, thread_name_prefix="sdlora-fuse")
+    for _ in _workers[threads].map(_run_in_order, shares):  # re-raises a refuse's error here
+        pass
+
+
+def _run_in_order(refuses: list[Callable[[], None]]) -> None:
+    for refuse in refuses:
+        refuse()
+
+
+@contextlib.contextmanager
+def one_thread_per_op() -> Iterator[int]:
+    """Torch ops on one thread inside; yields the thread count torch had, for `refuse_all`.
+
+    Small ops split across threads wait on each other: with sleeping OpenMP waiters, a fuse's
+    many small GEMMs ran slower on two threads than on one.
+    """
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)

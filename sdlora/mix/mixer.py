@@ -22,6 +22,7 @@ A lock makes "set these weights, then generate" atomic for a multi-user web UI:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import threading
@@ -35,7 +36,7 @@ from sdlora.adapters.read import match_to_base
 from sdlora.base.models import describe_pipeline
 from sdlora.errors import SdloraError
 from sdlora.mix.block_weights import check_block_key
-from sdlora.mix.fuse import FusedModule
+from sdlora.mix.fuse import FusedModule, one_thread_per_op, refuse_all
 from sdlora.mix.modes import (
     DEFAULT_MIX_MODE,
     MixMode,
@@ -323,16 +324,25 @@ class Mixer:
         self._refuse(changed)
 
     def _refuse(self, paths: Iterable[str]) -> None:
-        """Re-fuse each module of `paths` with its contributions as the mode combines them."""
-        for path in paths:
-            module = self._modules[path]
-            layers = {name: self._entries[name].layers[path] for name in module.contributions}
-            if self._mode != "add":
-                for first in layers:
-                    for second in layers:
-                        if (first, second) not in module.gram:
-                            module.gram[first, second] = inner_product(layers[first], layers[second])
-            module.refuse(layers, mixed_coefficients(self._mode, module.contributions, module.gram))
+        """Re-fuse each module of `paths` with its contributions as the mode combines them,
+        shared out over torch's threads (sdlora.mix.fuse.refuse_all)."""
+        with one_thread_per_op() as threads:
+            refuses = []
+            for path in paths:
+                module = self._modules[path]
+                layers = {name: self._entries[name].layers[path] for name in module.contributions}
+                if self._mode != "add":
+                    for first in layers:
+                        for second in layers:
+                            if (first, second) not in module.gram:
+                                module.gram[first, second] = inner_product(
+                                    layers[first], layers[second]
+                                )
+                coefficients = mixed_coefficients(self._mode, module.contributions, module.gram)
+                refuses.append((module, functools.partial(module.refuse, layers, coefficients)))
+                if module.weight.device.type != "cpu":
+                    threads = 1  # a GPU queues the ops: nothing to share out
+            refuse_all(refuses, threads)
 
     def _describe(self, name: str) -> MixedAdapter:
         entry = self._entries[name]
