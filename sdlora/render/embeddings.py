@@ -67,7 +67,8 @@ class SessionEmbeddings:
             (tokenizer, encoder) for tokenizer, encoder in _ENCODERS
             if getattr(pipeline, encoder, None) is not None
         ]
-        self._base_tokenizers = {name: copy.deepcopy(getattr(pipeline, name)) for name, _ in self.encoders}
+        # never changed: `activate` loads embeddings into copies of them
+        self._base_tokenizers = {name: getattr(pipeline, name) for name, _ in self.encoders}
         self._base_rows = {
             encoder: getattr(pipeline, encoder).get_input_embeddings().num_embeddings
             for _, encoder in self.encoders
@@ -158,7 +159,8 @@ class SessionEmbeddings:
         if wanted == self._loaded:
             return
         for tokenizer_name, encoder_name in self.encoders:
-            setattr(self.pipeline, tokenizer_name, copy.deepcopy(self._base_tokenizers[tokenizer_name]))
+            base = self._base_tokenizers[tokenizer_name]
+            setattr(self.pipeline, tokenizer_name, copy.deepcopy(base) if used else base)
             getattr(self.pipeline, encoder_name).resize_token_embeddings(self._base_rows[encoder_name])
         self._loaded = ()
         for slot, item in enumerate(used.values()):
