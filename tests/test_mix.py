@@ -209,6 +209,26 @@ def test_the_fused_bits_do_not_depend_on_the_thread_count(pristine_sd1, dtype, m
     assert all(torch.equal(fused[0][key], fused[1][key]) for key in fused[0])
 
 
+def test_channels_last_conv_weights_fuse_as_contiguous_ones(pristine_sd1):
+    """Conv weights in channels_last (a common speed setting) are fused whole and copied back in
+    their own layout: the same values as contiguous weights, and zero restores the base."""
+    fused = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        pipeline = copy.deepcopy(pristine_sd1)
+        pipeline.unet.to(memory_format=memory_format)
+        base = snapshot(pipeline)
+        mixer = Mixer(pipeline)
+        adapters = mixed_adapters(pipeline)
+        for weight, adapter in zip((0.7, -0.4, 1.2, 0.5), adapters):
+            mixer.add(adapter, weight)
+        fused.append(snapshot(pipeline))
+        conv = next(m.weight for m in mixer._modules.values() if m.weight.dim() == 4)
+        assert conv.is_contiguous(memory_format=memory_format)
+        mixer.set_weights({adapter.name: 0.0 for adapter in adapters})
+        assert all(torch.equal(snapshot(pipeline)[key], value) for key, value in base.items())
+    assert all(torch.equal(fused[0][key], fused[1][key]) for key in fused[0])
+
+
 def fresh_mix(pristine, dtype, adapters: dict[str, Adapter], mix) -> dict[str, torch.Tensor]:
     """The weights a fresh Mixer on a fresh pipeline fuses for `mix`, adapters loaded in
     reverse order."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from sdlora.errors import SdloraError
+from sdlora.malloc import keep_large_blocks_in_the_heap
 from sdlora.render.grid import labelled_grid
 from sdlora.render.outputs import find_or_free, grid_record
 from sdlora.render.plan import Job, plan_render
@@ -48,6 +49,8 @@ def render_command(args) -> None:
 
     from sdlora.render.session import GenerationSession
 
+    if state.device.type == "cpu":
+        keep_large_blocks_in_the_heap()  # the same blocks every step: re-used, not faulted in
     session = GenerationSession(args.base, state.device, embeddings_dir=args.embeddings_dir)
     session.use_adapters(plan.adapter_files)
     shard = plan.jobs[state.process_index :: state.num_processes]
