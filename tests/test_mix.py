@@ -229,6 +229,29 @@ def test_channels_last_conv_weights_fuse_as_contiguous_ones(pristine_sd1):
     assert all(torch.equal(fused[0][key], fused[1][key]) for key in fused[0])
 
 
+def test_changes_inside_and_outside_inference_mode_mix_freely(pristine_sd1):
+    """A schedule re-weights inside the pipeline's inference mode, a slider outside it, and
+    the fuse threads run in neither: the kept tensors must take writes from all of them."""
+    threads_before = torch.get_num_threads()
+    pipeline = copy.deepcopy(pristine_sd1)
+    mixer = Mixer(pipeline)
+    adapters = mixed_adapters(pipeline)
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            for adapter in adapters:
+                mixer.add(adapter, 0.5)
+            mixer.set_step_weights({"lora1": 0.2})
+        mixer.set_weights({adapter.name: 0.9 for adapter in adapters})
+        with torch.inference_mode():
+            mixer.set_step_weights({"lora1": None})
+            mixer.set_weights({"lora2": -0.3})
+    finally:
+        torch.set_num_threads(threads_before)
+    expected = fresh_mix(pristine_sd1, torch.float32, {a.name: a for a in adapters}, mixer.adapters)
+    assert all(torch.equal(snapshot(pipeline)[key], value) for key, value in expected.items())
+
+
 def fresh_mix(pristine, dtype, adapters: dict[str, Adapter], mix) -> dict[str, torch.Tensor]:
     """The weights a fresh Mixer on a fresh pipeline fuses for `mix`, adapters loaded in
     reverse order."""

@@ -74,6 +74,9 @@ class FusedModule:
         self._factors = None
         self.gram = {pair: value for pair, value in self.gram.items() if name not in pair}
 
+    # Outside inference mode whatever the caller's: the tensors kept here (base copy, factors,
+    # views) are then normal ones, which later changes from any thread or mode may write.
+    @torch.inference_mode(False)
     @torch.no_grad()
     def refuse(self, layers: Mapping[str, Layer], coefficients: Mapping[str, float]) -> None:
         """Set the weight to base + sum of coefficient * delta over `coefficients` (adapter ->
