@@ -52,15 +52,16 @@ RENDER = {"num_inference_steps": 20, "guidance_scale": 4.0}
 
 # --- the styles ---------------------------------------------------------------------------------
 
-def sepia(image: Image.Image, amount: float = 0.65, shade: float = 0.75) -> Image.Image:
-    """Blend `amount` of the classic sepia tone matrix into the image (warmer, less saturated),
-    then scale it by `shade`: the matrix brightens (its rows sum to 1.35, 1.20, 0.94), which
-    reads as a pale wash; scaling every channel alike darkens towards brown and keeps hue and
-    saturation, so `measure` and `saturation` read the same picture.
+def sepia(image: Image.Image, amount: float = 0.85, shade: float = 0.75) -> Image.Image:
+    """Blend `amount` of the classic sepia tone matrix into the image (warm brown, little
+    saturation left), then scale it by `shade`: the matrix brightens (its rows sum to 1.35,
+    1.20, 0.94), which reads as a pale wash; scaling every channel alike darkens towards brown
+    and keeps hue and saturation.
 
-    Not stronger: toned further (amount 0.7 and up) the tiny base's VAE and `measure` lose the
-    cool colours (green reads yellow, purple red, toned blue decodes purple): content at 1.0
-    fell from 46 to 36 of 60 prompts.
+    0.85 reads as sepia: 21 of the 24 sample pictures come out warm (mean hue under 60 degrees;
+    at 0.65 half of them, blue staying blue) and blue turns grey, while the five colours stay
+    apart in chroma (green and yellow, the closest, 0.13). Toned fully (the matrix alone) red
+    and blue would become the same brown (both sum to the same luminance), a change of content.
     """
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     matrix = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]],
