@@ -7,9 +7,11 @@ changing the subject: a colour grade moves every hue (sepia turns blue into a br
 a texture darkens whole rows (stripes, which the tiny VAE also draws with shifted hues in the
 dark bands). `read_content` reads the subject the prompt asks for, not the style:
 
-- colours are named by the nearest colour of the palette as the style draws it
-  (`styled_palette`: the style applied to a flat picture of each colour), in chroma
-  (saturation x hue), which ignores brightness and so the stripes' darkening;
+- colours are named by the nearest colour of the palette on its way from plain to styled
+  (`styled_palette`: each colour plain and as the style draws it, a flat picture of it styled),
+  in chroma (saturation x hue), which ignores brightness and so the stripes' darkening. A
+  segment, not the styled end alone: an adapter draws its style a little weaker or stronger in
+  places, and the tiny VAE pulls faded colours back towards the ones it knows;
 - the shape is the pixels far in chroma from the background; it must be one piece and convex,
   as every demo shape is (a shape broken into parts, holed or frayed into a blob is no shape);
 - its kind comes from its outline, not from its texture: the kind whose ideal outline, drawn in
@@ -26,7 +28,8 @@ from PIL import Image
 
 from sdlora.base import demo_base
 
-Palette = dict[str, np.ndarray]  # colour name -> chroma point, as `demo_base.chroma`
+# colour name -> (2, 2): its chroma (as `demo_base.chroma`) plain, then styled.
+Palette = dict[str, np.ndarray]
 # How closely a shape's outline must overlap its kind's ideal outline: set from the base's own
 # drawings of the held-out prompts, a little below the least it reaches (its circles 0.9 and up,
 # its squares, a little pinched, 0.85; its triangles, narrow with hollow sides, 0.7).
@@ -39,17 +42,32 @@ MIN_CONVEX = 0.85
 
 
 def styled_palette(style: Callable[[Image.Image], Image.Image] | None = None) -> Palette:
-    """Each demo colour as `style` draws it: the median chroma of a flat picture of it, styled."""
+    """Each demo colour plain and as `style` draws it (the median chroma of a flat picture of
+    it, styled); without a style both ends are the plain colour."""
+    def median_chroma(image: Image.Image) -> np.ndarray:
+        return np.median(demo_base.chroma(image).reshape(-1, 2), axis=0)
+
     palette = {}
     for name, rgb in demo_base.COLOURS.items():
         flat = Image.new("RGB", (demo_base.RESOLUTION,) * 2, rgb)
-        palette[name] = np.median(demo_base.chroma(style(flat) if style else flat).reshape(-1, 2),
-                                  axis=0)
+        palette[name] = np.stack([median_chroma(flat), median_chroma(style(flat) if style else flat)])
     return palette
 
 
 def colour_name(point: np.ndarray, palette: Palette) -> str:
-    return min(palette, key=lambda name: float(np.linalg.norm(point - palette[name])))
+    """The palette colour whose plain-to-styled segment passes nearest to `point`."""
+    def distance(name: str) -> float:
+        start, end = palette[name]
+        along = end - start
+        t = np.clip((point - start) @ along / max(float(along @ along), 1e-12), 0.0, 1.0)
+        return float(np.linalg.norm(point - (start + t * along)))
+    return min(palette, key=distance)
+
+
+def closest_colours(palette: Palette) -> float:
+    """How near the two closest palette colours come, plain or styled."""
+    return min(float(np.linalg.norm(palette[a][end] - palette[b][end]))
+               for a in palette for b in palette if a < b for end in (0, 1))
 
 
 def read_content(image: Image.Image, palette: Palette | None = None) -> demo_base.Reading:
@@ -64,9 +82,7 @@ def read_content(image: Image.Image, palette: Palette | None = None) -> demo_bas
     far = np.percentile(distance, 99)
     # A shape differs from the background at least half as much as the palette's two closest
     # colours differ from each other; less is noise or a style's texture.
-    closest = min(float(np.linalg.norm(palette[a] - palette[b]))
-                  for a in palette for b in palette if a < b)
-    if far < closest / 2:
+    if far < closest_colours(palette) / 2:
         return demo_base.Reading(None, None, colour_name(background, palette))
     mask = distance > far / 2
     colour = colour_name(np.median(points[mask], axis=0), palette)
