@@ -7,12 +7,14 @@
     -> {out}/demo-grid.png (one labelled grid) and the path of every file printed
 
 The styles are the base's own pictures (one per training prompt, kept when `measure` reads
-them as their prompt) given a colour grade (sepia: warmer, darker, lower saturation) or a
-texture (stripes: horizontal bands 16 pixels apart), so an adapter has only the style to learn.
+them as their prompt) given a colour grade (sepia: a warm brown filter, darker, lower
+saturation) or a texture (stripes: horizontal bands 16 pixels apart), so an adapter has only
+the style to learn.
 The unstyled pictures are kept in plain/ and given as data.before_dir, so each adapter learns the style at
 every strength and its slider scales it (at 0.5, half the style, not a faint trace of it);
 `sdlora.base.demo_base.saturation` and `stripe_energy` show its strength and
-`sdlora.base.demo_base.measure` shows the content staying right.
+`sdlora.base.demo_content.read_content` shows the content staying right (colours named as the
+style draws them: `styled_as`).
 """
 
 from __future__ import annotations
