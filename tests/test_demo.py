@@ -68,18 +68,13 @@ def moved(style, images, base_images, training) -> float:
     return (mean(statistic, images) - base) / (mean(statistic, training) - base)
 
 
-# At weight 1 the stripes still bend some shapes (bench/RESULTS-mix.md: 69% of held-out prompts
-# drawn right, against the base's 95%), so at 1 the content is held to 2/3 of the base's.
-KEPT_AT_FULL = {"sepia": 0.8, "stripes": 2 / 3}
-
-
 @pytest.mark.parametrize("style", demo.STYLES)
 def test_style_moves_its_statistic_at_weight_1_and_keeps_the_content(weighted, style):
     base_images, training, off, _, full = weighted[style]
     moved_full = moved(style, full, base_images, training)
     assert moved_full >= 0.5, f"{style} at 1 moved {moved_full:.2f} of the way"
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(off, base_images))
-    assert_content_kept(full, {style: 1.0}, base_images, KEPT_AT_FULL[style])
+    assert_content_kept(full, {style: 1.0}, base_images, 0.8)
 
 
 def right(images, weights) -> int:
@@ -100,7 +95,7 @@ def test_half_weight_moves_the_statistic_about_half_as_far_and_keeps_the_content
     base_images, training, _, half, full = weighted[style]
     moved_half = moved(style, half, base_images, training)
     moved_full = moved(style, full, base_images, training)
-    # A quarter, not a third: the stripes at 0.5 show 0.28-0.32 of their move at 1 (the base's
+    # A quarter, not a third: the stripes at 0.5 show about 0.3 of their move at 1 (the base's
     # denoiser pulls weak stripes back towards none); trained longer for more, they bend shapes.
     assert 0.25 * moved_full <= moved_half <= 0.7 * moved_full, (moved_half, moved_full)
     assert_content_kept(half, {style: 0.5}, base_images, 0.9)
