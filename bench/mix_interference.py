@@ -8,7 +8,11 @@ DIR` once, ~2 min on one core). Every configuration draws the held-out prompts o
 - saturation (mean HSV S, what sepia lowers) and stripe energy (what stripes raises);
 - "kept": the move of that statistic from the base, as a fraction of the style's move alone
   at 1.0 (the goal: both styles at 1.0 keep >= 0.8 of it);
-- content: the fraction of images `measure` reads as their prompt (shape and both colours).
+- content: the fraction of images whose subject reads as their prompt (shape kind and both
+  colours, `demo_content.read_content`, colours named as the styles at those weights draw
+  them, so a style's own colour grade or texture is not counted against it);
+- measure: the same by `demo_base.measure`, which names colours by their plain hue and reads
+  the shape kind by fill alone (the reading of earlier runs; a style moves it by itself).
 Configurations: each style alone at 1.0; both at 1.0 in each mix mode; the same with stripes
 only on the late half of the steps (`<lora:stripes:1@0.5-1>`, sdlora.mix.schedules).
 One thread; results in bench/RESULTS-mix.md.
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 
 from sdlora import demo
-from sdlora.base import demo_base
+from sdlora.base import demo_base, demo_content
 from sdlora.mix.modes import MIX_MODES
 from sdlora.mix.schedules import parse_weight_text
 
@@ -59,10 +63,13 @@ def render(pipeline, mixer, weights, schedules, jobs, batch=40):
     return images
 
 
-def statistics(images, jobs) -> tuple[float, float, float]:
+def statistics(images, jobs, weights) -> tuple[float, float, float, float]:
+    palette = demo_content.styled_palette(demo.styled_as(weights))
     return (
         float(np.mean([demo_base.saturation(image) for image in images])),
         float(np.mean([demo_base.stripe_energy(image) for image in images])),
+        float(np.mean([demo_content.read_content(image, palette).matches(*combo)
+                       for image, (combo, _) in zip(images, jobs)])),
         float(np.mean([demo_base.measure(image).matches(*combo)
                        for image, (combo, _) in zip(images, jobs)])),
     )
@@ -86,13 +93,14 @@ def main() -> None:
                            (f"sepia 1.0 + stripes {LATE}, {mode}", mode, both, {"stripes": LATE})]
     print(f"demo base, {len(demo_base.HELD_OUT)} held-out prompts x {args.seeds} seeds, "
           f"{demo.RENDER['num_inference_steps']} steps\n")
-    print("| configuration | saturation | stripe energy | sepia kept | stripes kept | content |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| configuration | saturation | stripe energy | sepia kept | stripes kept | content "
+          "| measure |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     results = {}
     for label, mode, weights, schedules in configurations:
         mixer.set_mode(mode)
-        results[label] = saturation, stripes, content = statistics(
-            render(pipeline, mixer, weights, schedules, jobs), jobs)
+        results[label] = saturation, stripes, content, measured = statistics(
+            render(pipeline, mixer, weights, schedules, jobs), jobs, weights)
         kept = ["", ""]
         if "base" in results and "sepia 1.0" in results and "stripes 1.0" in results:
             base, sepia_alone, stripes_alone = (results[k] for k in
@@ -100,7 +108,7 @@ def main() -> None:
             kept = [f"{(saturation - base[0]) / (sepia_alone[0] - base[0]):.2f}",
                     f"{(stripes - base[1]) / (stripes_alone[1] - base[1]):.2f}"]
         print(f"| {label} | {saturation:.3f} | {stripes:.4f} | {kept[0]} | {kept[1]} "
-              f"| {content:.3f} |", flush=True)
+              f"| {content:.3f} | {measured:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

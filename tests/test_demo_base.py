@@ -4,8 +4,9 @@ import random
 
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
-from sdlora.base import demo_base
+from sdlora.base import demo_base, demo_content
 from sdlora.base.models import load_base
 
 SEEDS = range(50)
@@ -91,3 +92,80 @@ def test_a_latent_half_way_to_a_striped_picture_decodes_about_half_striped():
     decoded_half = (middle - ends[0]) / (ends[1] - ends[0])
     drawn_half = (energy(half_striped) - energy(plain)) / (energy(striped) - energy(plain))
     assert decoded_half >= 0.8 * drawn_half, (decoded_half, drawn_half)
+
+
+# --- reading the content under a style (demo_content) -------------------------------------------
+
+def styled(function, combos, seed=3):
+    """Each combination drawn as the base's training pictures are, then styled by `function`."""
+    rng = random.Random(seed)
+    return [(function(demo_base.draw(c[1], c[0], c[2], *demo_base.random_placement(rng))), c)
+            for c in combos]
+
+
+@pytest.mark.parametrize("style", ["none", "sepia", "stripes", "sepia and stripes"])
+def test_read_content_reads_every_combination_under_each_style(style):
+    from sdlora.demo import sepia, stripes
+
+    function = {"none": lambda image: image, "sepia": sepia, "stripes": stripes,
+                "sepia and stripes": lambda image: stripes(sepia(image))}[style]
+    palette = demo_content.styled_palette(function)
+    for image, combo in styled(function, demo_base.all_combinations()):
+        assert demo_content.read_content(image, palette).matches(*combo), (style, combo)
+
+
+def test_sepia_needs_its_palette():
+    """Under sepia the plain colour names are wrong for some pictures (blue turns grey): the
+    styled palette is what reads them."""
+    from sdlora.demo import sepia
+
+    pictures = styled(sepia, demo_base.all_combinations())
+    assert not all(demo_content.read_content(image).matches(*combo) for image, combo in pictures)
+
+
+def drawn(paint, background="blue") -> Image.Image:
+    """A 64 x 64 picture painted at 4x by `paint(pen, scale)` and reduced as `draw` does."""
+    scale = 4
+    image = Image.new("RGB", (demo_base.RESOLUTION * scale,) * 2, demo_base.COLOURS[background])
+    paint(ImageDraw.Draw(image), scale)
+    return image.resize((demo_base.RESOLUTION,) * 2, Image.Resampling.BOX)
+
+
+def frayed_blob(pen, scale):
+    """A dark red blob: a disc with four deep bites out of its edge."""
+    pen.ellipse([v * scale for v in (12, 12, 52, 52)], fill=(110, 20, 20))
+    for x, y in ((32, 10), (54, 30), (30, 54), (10, 34)):
+        pen.ellipse([v * scale for v in (x - 11, y - 11, x + 11, y + 11)],
+                    fill=demo_base.COLOURS["blue"])
+
+
+def broken_triangle(pen, scale):
+    """A triangle cut across the middle, its top half shifted right."""
+    red = demo_base.COLOURS["red"]
+    pen.polygon([(v[0] * scale, v[1] * scale) for v in ((44, 10), (54, 30), (34, 30))], fill=red)
+    pen.polygon([(v[0] * scale, v[1] * scale) for v in ((22, 36), (42, 36), (52, 54),
+                                                        (12, 54))], fill=red)
+
+
+def holed_square(pen, scale):
+    """A square with its middle missing (a frame)."""
+    pen.rectangle([v * scale for v in (14, 14, 50, 50)], fill=demo_base.COLOURS["red"])
+    pen.rectangle([v * scale for v in (24, 24, 40, 40)], fill=demo_base.COLOURS["blue"])
+
+
+@pytest.mark.parametrize("broken", [frayed_blob, broken_triangle, holed_square])
+@pytest.mark.parametrize("style", ["none", "stripes"])
+def test_broken_shapes_read_as_no_shape(broken, style):
+    from sdlora.demo import stripes
+
+    image = drawn(broken)
+    image = stripes(image) if style == "stripes" else image
+    assert demo_content.read_content(image).shape is None
+
+
+def test_a_wrong_or_missing_shape_does_not_match():
+    square = demo_base.draw("square", "red", "blue", 36, (32, 32))
+    assert demo_content.read_content(square).matches("red", "square", "blue")
+    assert not demo_content.read_content(square).matches("red", "circle", "blue")
+    empty = Image.new("RGB", (demo_base.RESOLUTION,) * 2, demo_base.COLOURS["blue"])
+    assert demo_content.read_content(empty) == demo_base.Reading(None, None, "blue")

@@ -128,6 +128,26 @@ def test_at_strength_s_the_lora_runs_at_s_and_sees_pictures_s_of_the_way(
         assert min((clean - e).abs().max().item() for e in expected) < 1e-4, strength
 
 
+def test_learning_the_change_learns_nothing_from_pictures_equal_to_their_originals(tiny_sd1,
+                                                                                   tmp_path):
+    """train.paired_target=change keeps the base's own error on the original in the target, so
+    pairs that do not change teach the adapter nothing, where the plain target ("picture")
+    teaches it the pictures themselves (what two styles trained on the same pictures share)."""
+    after, before = write_pairs(tmp_path / "pairs", count=2, size=(64, 64))
+    for path in after.glob("*.png"):
+        (before / path.name).write_bytes(path.read_bytes())
+
+    def update_size(target: str) -> float:
+        config = tiny_config(tiny_sd1, tmp_path / target, train={
+            "steps": 4, "batch_size": 2, "paired_target": target},
+            data={"instance_dir": str(after), "before_dir": str(before)})
+        adapter = load_adapter(train(config))
+        return max(float(layer.delta().abs().max()) for layer in adapter.layers.values())
+
+    assert update_size("picture") > 1e-4
+    assert update_size("change") == 0.0
+
+
 def test_a_paired_run_resumes_exactly(tiny_sd1, tmp_path):
     after, before = write_pairs(tmp_path / "pairs", count=2, size=(64, 64))
     settings = dict(data={"instance_dir": str(after), "before_dir": str(before)},

@@ -76,6 +76,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     recompute_feed_forward: bool = True  # a third less activation memory, ~10% more step time
     min_snr_gamma: float | None = None
+    # Paired runs (data.before_dir): "picture" learns to denoise the styled pictures; "change"
+    # learns only how they differ from their originals (the target keeps the base's own error on
+    # the original, with the same noise), so the adapter does not also learn the pictures.
+    paired_target: str = "picture"  # picture | change
     noise_offset: float = 0.0
     clip_skip: int = 1  # A1111's "Clip skip": 1 = last text-encoder layer, 2 = penultimate
     seed: int = 0
@@ -288,6 +292,7 @@ def validate(config: Config) -> None:
     _choice("train.lr_scheduler", train.lr_scheduler, LR_SCHEDULES)
     _choice("train.optimizer", train.optimizer, ("adamw", "adamw8bit"))
     _choice("train.mixed_precision", train.mixed_precision, ("no", "fp16", "bf16"))
+    _choice("train.paired_target", train.paired_target, ("picture", "change"))
     if not 1 <= train.clip_skip <= MAX_CLIP_SKIP:
         raise SdloraError(
             f"train.clip_skip must be from 1 (the last text-encoder layer) to {MAX_CLIP_SKIP}, "

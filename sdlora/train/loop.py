@@ -213,6 +213,18 @@ def _train(config: Config, accelerator: Accelerator, output: OutputWriter, resum
                                                          for item in items])) if paired else None
         return clean, originals
 
+    def denoising_target(clean: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        if base.prediction_type == "v_prediction":
+            return noise_scheduler.get_velocity(clean, noise, timesteps)
+        return noise
+
+    def conditioning_of(captions: list[str], placements) -> dict:
+        text = text_cache.batch(captions) if text_cache else embed(captions)
+        text = text.to(device, weight_dtype if text_cache else None)
+        return unet_conditioning(text, [p.original_size for p in placements],
+                                 [p.crop_top_left for p in placements],
+                                 [p.target_size for p in placements])
+
     def micro_batch_loss(indices: list[int], epoch: int, generator,
                          strength: float) -> torch.Tensor:
         samples = [data.dataset.samples[i] for i in indices]
@@ -229,19 +241,19 @@ def _train(config: Config, accelerator: Accelerator, output: OutputWriter, resum
                                   (clean.shape[0],), generator=generator)
         noise, timesteps = noise.to(device), timesteps.to(device)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-        if base.prediction_type == "v_prediction":
-            target = noise_scheduler.get_velocity(clean, noise, timesteps)
-        else:
-            target = noise
+        target = denoising_target(clean, noise, timesteps)
         captions = [data.dataset.caption(i, epoch) for i in indices]
         placements = [sample.placement for sample in samples]
-        text = text_cache.batch(captions) if text_cache else embed(captions)
-        text = text.to(device, weight_dtype if text_cache else None)
-        conditioning = unet_conditioning(text, [p.original_size for p in placements],
-                                         [p.crop_top_left for p in placements],
-                                         [p.target_size for p in placements])
         with accelerator.autocast():
-            prediction = models["unet"](noisy.to(weight_dtype), timesteps, **conditioning).sample
+            prediction = models["unet"](noisy.to(weight_dtype), timesteps,
+                                        **conditioning_of(captions, placements)).sample
+        if paired and config.train.paired_target == "change":
+            # The base's error on the original stays in the target: only the style is learnt.
+            with torch.no_grad(), lora_strength(models.values(), 0.0), accelerator.autocast():
+                noisy_original = noise_scheduler.add_noise(original, noise, timesteps)
+                base_prediction = models["unet"](noisy_original.to(weight_dtype), timesteps,
+                                                 **conditioning_of(captions, placements)).sample
+            target = base_prediction.float() + (target - denoising_target(original, noise, timesteps))
         loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if config.train.min_snr_gamma:
             loss = loss * min_snr_weights(noise_scheduler, timesteps, config.train.min_snr_gamma,

@@ -71,19 +71,17 @@ def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 @contextlib.contextmanager
 def lora_strength(models, strength: float):
     """Run the LoRA layers of `models` at `strength` times their weight, as the Mixer's slider
-    would; back at 1 afterwards."""
-    if strength == 1.0:
-        yield
-        return
+    would; back at the strength they had afterwards (strengths nest)."""
     layers = [module for model in models for module in model.modules()
               if isinstance(module, PeftLoraLayer)]
+    before = [dict(layer.scaling) for layer in layers]
     for layer in layers:
         layer.set_scale(ADAPTER_NAME, strength)
     try:
         yield
     finally:
-        for layer in layers:
-            layer.set_scale(ADAPTER_NAME, 1.0)
+        for layer, scaling in zip(layers, before):
+            layer.scaling.update(scaling)
 
 
 def parameter_groups(models: dict[str, torch.nn.Module], learning_rate: float,
