@@ -180,12 +180,13 @@ def test_the_demo_preset_gets_previews_and_the_advanced_choices(tiny_sd1, tmp_pa
     originals = images(tmp_path / "plain")
     config = Trainer(folders).config_for(request(
         images(tmp_path / "up"), preset="demo", steps=8, learning_rate=5e-4, resolution=128,
-        targets="attention", text_encoder=True, before_uploads=originals,
+        targets="attention", text_encoder=True, before_uploads=originals, paired_target="change",
     ))
     assert config.validation.prompts == [config.data.instance_prompt]
     assert config.validation.every == 2
     assert (config.train.learning_rate, config.data.resolution) == (5e-4, 128)
     assert (config.lora.targets, config.lora.text_encoder) == ("attention", True)
+    assert config.train.paired_target == "change"
     assert sorted(p.name for p in Path(config.data.before_dir).iterdir()) == [
         "upload0.png", "upload1.png"]
 

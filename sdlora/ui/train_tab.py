@@ -50,6 +50,13 @@ def train_tab(folders: Folders, trainer: Trainer, base: gr.Dropdown, picker: Ada
                     elem_id="before-folder",
                     placeholder="folder name" if folders.data else "start the app with --data-dir",
                 )
+                paired_target = gr.Dropdown(
+                    [("the preset's", ""), ("the styled pictures", "picture"),
+                     ("only what the style changes", "change")],
+                    value="", label="Learn from the pairs", elem_id="paired-target",
+                    info="'only what the style changes' keeps styles apart when mixed "
+                         "(one more UNet pass per step)",
+                )
             preset = gr.Dropdown(
                 presets,
                 value=presets[0] if presets else None,
@@ -112,6 +119,7 @@ def train_tab(folders: Folders, trainer: Trainer, base: gr.Dropdown, picker: Ada
             resolution=int(values[resolution]) if values[resolution] else None,
             targets=values[targets] or None,
             text_encoder={"train": True, "frozen": False}.get(values[text_encoder]),
+            paired_target=values[paired_target] or None,
         )
         try:
             job = trainer.start(training, username(request))
@@ -138,7 +146,8 @@ def train_tab(folders: Folders, trainer: Trainer, base: gr.Dropdown, picker: Ada
     start.click(
         run,
         {job_state, base, uploads, folder, before_folder, before_uploads, preset, name, trigger,
-         steps, rank, learning_rate, resolution, targets, text_encoder, picker.search, picker.box},
+         steps, rank, learning_rate, resolution, targets, text_encoder, paired_target,
+         picker.search, picker.box},
         [job_state, status, validation, chart, *picker.outputs],
         concurrency_limit=None,
     )

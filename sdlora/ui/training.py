@@ -52,6 +52,7 @@ class TrainingRequest:
     resolution: int | None = None
     targets: str | None = None  # attention | transformer | full
     text_encoder: bool | None = None
+    paired_target: str | None = None  # picture | change (train.paired_target), with originals
 
 
 class TrainingJob:
@@ -204,7 +205,8 @@ class Trainer:
         for section, key, value in (("train", "learning_rate", request.learning_rate),
                                     ("data", "resolution", request.resolution),
                                     ("lora", "targets", request.targets),
-                                    ("lora", "text_encoder", request.text_encoder)):
+                                    ("lora", "text_encoder", request.text_encoder),
+                                    ("train", "paired_target", request.paired_target)):
             if value is not None:
                 raw.setdefault(section, {})[key] = value
         raw["base"] = self.folders.base_source(request.base)
