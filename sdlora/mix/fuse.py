@@ -39,6 +39,7 @@ from sdlora.adapters.core import Layer, LoraLayer
 # 128 Ki floats = 512 KiB per tile: base rows and weight rows fit in L2 together.
 TILE_ELEMENTS = 1 << 17
 
+
 @dataclasses.dataclass
 class _Factors:
     """One module's factors for one set of contributing adapters, in name order."""
@@ -96,16 +97,14 @@ class FusedModule:
             self.base = torch.empty_like(weight, memory_format=torch.contiguous_format)
         down, dense = self._terms(layers)
         fp32 = self.base.dtype == torch.float32
+        if copy_base and not weight.is_contiguous():
+            self.base.copy_(weight)  # its one tile views the base only
         for rows, base_rows, up_rows, weight_rows in self._tiles():
-            if weight_rows is None:  # e.g. channels_last: fused whole, then copied in its layout
-                if copy_base:
-                    self.base.copy_(weight)
-                fused = torch.addmm(base_rows.float(), up_rows, down)
-            else:
-                if copy_base:
-                    base_rows.copy_(weight_rows)
-                out = weight_rows if fp32 else None  # else fused in fp32, then cast
-                fused = torch.addmm(base_rows if fp32 else base_rows.float(), up_rows, down, out=out)
+            if copy_base and weight_rows is not None:
+                base_rows.copy_(weight_rows)
+            # in place in fp32; else fused in fp32, then cast, or copied back in its own layout
+            out = weight_rows if fp32 and weight_rows is not None else None
+            fused = torch.addmm(base_rows if fp32 else base_rows.float(), up_rows, down, out=out)
             for coefficient, delta in dense:
                 fused.add_(delta[rows], alpha=coefficient)
             if weight_rows is None:
@@ -153,20 +152,20 @@ class FusedModule:
         rows = self.weight.shape[0]
         columns = self.weight.numel() // rows
         device = self.weight.device
-        ups, downs, lora_names, dense = [], [], [], []
+        loras, dense = [], []  # (name, LoraLayer), (name, dense delta)
         for name in names:
             layer = self._on_device(name, layers[name])
             if isinstance(layer, LoraLayer):
-                ups.append(layer.up.flatten(1))
-                downs.append(layer.down.flatten(1))
-                lora_names.append((name, layer.scale))
+                loras.append((name, layer))
             else:
                 dense.append((name, layer.delta(torch.float32).reshape(rows, -1)))
+        downs = [layer.down.flatten(1) for _, layer in loras]
         down = torch.cat(downs, dim=0) if downs else torch.zeros(0, columns, device=device)
         scaled_up = torch.empty(rows, down.shape[0], device=device)
         lora, start = [], 0
-        for (name, scale), up in zip(lora_names, ups):
-            lora.append((name, scale, up, scaled_up[:, start:start + up.shape[1]]))
+        for name, layer in loras:
+            up = layer.up.flatten(1)
+            lora.append((name, layer.scale, up, scaled_up[:, start:start + up.shape[1]]))
             start += up.shape[1]
         return _Factors(names, down, lora, dense, scaled_up, [None] * len(lora))
 
