@@ -57,6 +57,8 @@ def test_overrides_set_nested_keys_with_yaml_types(tmp_path):
         ("lora.targets=everything", "choose one of attention, transformer, full"),
         ("data.class_dir=data/dogs", "class_prompt"),
         ("output.format=ckpt", "output.format"),
+        ("train.paired_target=change", "set data.before_dir"),
+        ("train.paired_target=both", "choose one of picture, change"),
         ("train.steps", "key=value"),
     ],
 )

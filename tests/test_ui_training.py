@@ -152,8 +152,12 @@ def test_originals_come_from_the_data_folder_and_never_from_the_preset(tiny_sd1,
     # configs/demo.yaml pairs samples/demo/sepia with samples/demo/plain: not the user's images
     uploaded = trainer.config_for(request(images(tmp_path / "up"), preset="demo"))
     assert uploaded.data.before_dir is None
+    assert uploaded.train.paired_target == "picture"  # the preset's "change" needs its pairs
+    with pytest.raises(SdloraError, match="needs the originals"):
+        trainer.config_for(request(images(tmp_path / "up2"), preset="demo", paired_target="change"))
     paired = trainer.config_for(request([], preset="demo", folder="styled", before_folder="plain"))
     assert Path(paired.data.before_dir) == tmp_path / "data" / "plain"
+    assert paired.train.paired_target == "change"
     with pytest.raises(SdloraError, match="not found"):
         trainer.config_for(request([], preset="demo", folder="styled", before_folder="missing"))
 

@@ -293,6 +293,9 @@ def validate(config: Config) -> None:
     _choice("train.optimizer", train.optimizer, ("adamw", "adamw8bit"))
     _choice("train.mixed_precision", train.mixed_precision, ("no", "fp16", "bf16"))
     _choice("train.paired_target", train.paired_target, ("picture", "change"))
+    if train.paired_target == "change" and not config.data.before_dir:
+        raise SdloraError("train.paired_target: change learns from before/after pairs; set "
+                          "data.before_dir to the unstyled pictures, or leave it at picture")
     if not 1 <= train.clip_skip <= MAX_CLIP_SKIP:
         raise SdloraError(
             f"train.clip_skip must be from 1 (the last text-encoder layer) to {MAX_CLIP_SKIP}, "

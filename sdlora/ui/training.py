@@ -187,6 +187,11 @@ class Trainer:
         data["instance_dir"] = str(self._images(request, run_dir / "images"))
         # A preset's originals pair with the preset's images, never with the user's.
         data["before_dir"] = self._originals(request, run_dir / "originals")
+        if not data["before_dir"]:
+            if request.paired_target == "change":
+                raise SdloraError("learning only what the style changes needs the originals: "
+                                  "upload them or name their folder")
+            raw.setdefault("train", {})["paired_target"] = "picture"  # the preset's is for pairs
         previous = data.get("trigger_word")
         data["instance_prompt"] = _with_trigger(data.get("instance_prompt", ""), previous, trigger)
         data["trigger_word"] = trigger
