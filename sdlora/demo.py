@@ -171,8 +171,9 @@ class DemoResult:
     seconds: float
 
 
-def style_config(style: str, out: Path, samples: Path = SAMPLES_DIR):
-    """configs/demo.yaml, pointed at one style's images and output folder."""
+def style_config(style: str, out: Path, samples: Path = SAMPLES_DIR, overrides: tuple[str, ...] = ()):
+    """configs/demo.yaml, pointed at one style's images and output folder; `overrides`
+    (`key=value`) on top (bench/mix_interference.py trains with other seeds)."""
     from sdlora.train.config import load_config
 
     if not CONFIG_PATH.is_file():
@@ -180,7 +181,7 @@ def style_config(style: str, out: Path, samples: Path = SAMPLES_DIR):
     return load_config(CONFIG_PATH, overrides=[
         f"data.instance_dir={samples / style}", f"data.before_dir={samples / ORIGINALS}",
         f"output.dir={out / style}",
-        f"output.name={style}", *STYLE_OVERRIDES[style],
+        f"output.name={style}", *STYLE_OVERRIDES[style], *overrides,
     ])
 
 
