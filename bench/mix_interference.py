@@ -39,13 +39,12 @@ import torch
 from sdlora import demo
 from sdlora.base import demo_base, demo_content
 from sdlora.mix.modes import MIX_MODES
-from sdlora.mix.schedules import parse_weight_text
 
-LATE = "1@0.5-1"
+LATE = "@0.5-1"  # the stripes on the late half of the steps
 ALONE = [("base", {}), ("sepia 0.5", {"sepia": 0.5}), ("sepia 1.0", {"sepia": 1.0}),
          ("stripes 0.5", {"stripes": 0.5}), ("stripes 1.0", {"stripes": 1.0})]
 MIXES = [("both 1.0", {"sepia": 1.0, "stripes": 1.0}, {}),
-         (f"sepia 1.0 + stripes {LATE}", {"sepia": 1.0, "stripes": 1.0}, {"stripes": LATE}),
+         (f"sepia 1.0 + stripes 1{LATE}", {"sepia": 1.0, "stripes": 1.0}, {"stripes": LATE}),
          ("sepia 0.5 + stripes 1.0", {"sepia": 0.5, "stripes": 1.0}, {}),
          ("sepia 1.0 + stripes 0.5", {"sepia": 1.0, "stripes": 0.5}, {})]
 
@@ -53,38 +52,18 @@ MIXES = [("both 1.0", {"sepia": 1.0, "stripes": 1.0}, {}),
 def configurations() -> list[tuple[str, str, dict, dict]]:
     """(label, mode, weights, schedules) of every row."""
     rows = [(label, "add", weights, {}) for label, weights in ALONE]
-    rows.append((f"stripes {LATE}", "add", {"stripes": 1.0}, {"stripes": LATE}))
+    rows.append((f"stripes 1{LATE}", "add", {"stripes": 1.0}, {"stripes": LATE}))
     rows += [(f"{label}, {mode}", mode, weights, schedules)
              for label, weights, schedules in MIXES for mode in MIX_MODES]
     return rows
 
 
-def render(pipeline, mixer, weights, schedules, jobs, batch=40):
-    """One image per (combo, seed) job with `weights` set; `schedules` (name -> weight text)
-    re-weight the UNet before each step, as the render session does."""
-    full = {name: weights.get(name, 0.0) for name in mixer.weights}
-    parsed = {name: parse_weight_text(text, "bench") for name, text in schedules.items()}
-
-    def set_step(step, steps):
-        mixer.set_step_weights({name: s.weight(w, step, steps) for name, (w, s) in parsed.items()})
-
-    def callback(pipe, step, timestep, tensors):
-        if step + 1 < pipe.num_timesteps:
-            set_step(step + 1, pipe.num_timesteps)
-        return {}
-
+def render(pipeline, mixer, mode, weights, schedules, jobs, batch=40):
+    """One image per (combo, seed) job, `batch` at a time (sdlora.demo.render)."""
     images = []
-    with mixer.using(full):
-        for start in range(0, len(jobs), batch):
-            chunk = jobs[start:start + batch]
-            set_step(0, demo.RENDER["num_inference_steps"])
-            images += pipeline(
-                [demo_base.prompt(*combo) for combo, _ in chunk],
-                generator=[torch.Generator().manual_seed(seed) for _, seed in chunk],
-                callback_on_step_end=callback if parsed else None,
-                **demo.RENDER,
-            ).images
-    mixer.set_step_weights(dict.fromkeys(parsed))
+    for start in range(0, len(jobs), batch):
+        combos, seeds = zip(*jobs[start:start + batch])
+        images += demo.render(pipeline, mixer, weights, combos, seeds, mode, schedules)
     return images
 
 
@@ -124,8 +103,8 @@ def measure_seed(folder: Path, seed: int, seeds: int) -> dict[str, dict[str, flo
     jobs = [(combo, image_seed) for combo in demo_base.HELD_OUT for image_seed in range(seeds)]
     rows = {}
     for label, mode, weights, schedules in configurations():
-        mixer.set_mode(mode)
-        rows[label] = statistics(render(pipeline, mixer, weights, schedules, jobs), jobs, weights)
+        rows[label] = statistics(render(pipeline, mixer, mode, weights, schedules, jobs), jobs,
+                                 weights)
         print(f"  seed {seed}: {label}: {rows[label]}", flush=True)
     cache.write_text(json.dumps({"seeds": seeds, "rows": rows}))
     return rows

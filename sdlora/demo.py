@@ -3,7 +3,8 @@
     samples/demo/{plain,sepia,stripes}/*.png + .txt captions (made by samples/make_demo_samples.py)
     -> configs/demo.yaml, one run of sdlora.train.loop.train per style, paired with plain/
     -> {out}/{style}/{style}.safetensors
-    -> the demo base + Mixer: base, each style at 0.5 and 1.0, both mixed (modes add, orthogonal)
+    -> the demo base + Mixer: base, each style at 0.5 and 1.0, both mixed (modes add, orthogonal;
+       then the stripes on the late half of the steps)
     -> {out}/demo-grid.png (one labelled grid) and the path of every file printed
 
 The styles are the base's own pictures (one per training prompt, kept when `measure` reads
@@ -41,13 +42,16 @@ STRIPE_PERIOD = 16
 # What the grid shows: one column per prompt, the same seed for every row.
 GRID_PROMPTS = (("red", "circle", "blue"), ("yellow", "square", "green"),
                 ("blue", "triangle", "yellow"), ("purple", "circle", "red"))
-# (label, weights, mix mode): both styles at 1.0 mixed by each mode (sdlora.mix.modes).
+# (label, weights, mix mode, schedules): both styles at 1.0 mixed by each mode (sdlora.mix.modes),
+# then with the stripes on the late half of the steps only (sdlora.mix.schedules).
 GRID_ROWS = (
-    ("base", {}, "add"),
-    ("sepia 0.5", {"sepia": 0.5}, "add"), ("sepia 1.0", {"sepia": 1.0}, "add"),
-    ("stripes 0.5", {"stripes": 0.5}, "add"), ("stripes 1.0", {"stripes": 1.0}, "add"),
-    ("sepia 1 + stripes 1, add", {"sepia": 1.0, "stripes": 1.0}, "add"),
-    ("sepia 1 + stripes 1, orthogonal", {"sepia": 1.0, "stripes": 1.0}, "orthogonal"),
+    ("base", {}, "add", {}),
+    ("sepia 0.5", {"sepia": 0.5}, "add", {}), ("sepia 1.0", {"sepia": 1.0}, "add", {}),
+    ("stripes 0.5", {"stripes": 0.5}, "add", {}), ("stripes 1.0", {"stripes": 1.0}, "add", {}),
+    ("sepia 1 + stripes 1, add", {"sepia": 1.0, "stripes": 1.0}, "add", {}),
+    ("sepia 1 + stripes 1, orthogonal", {"sepia": 1.0, "stripes": 1.0}, "orthogonal", {}),
+    ("sepia 1 + stripes 1@0.5-1, orthogonal", {"sepia": 1.0, "stripes": 1.0}, "orthogonal",
+     {"stripes": "@0.5-1"}),
 )
 RENDER = {"num_inference_steps": 20, "guidance_scale": 4.0}
 
@@ -232,17 +236,29 @@ def demo_pipeline(adapters: dict[str, Path]):
     return pipeline, mixer
 
 
-def render(pipeline, mixer, weights: dict[str, float], combos, seeds,
-           mode: str = "add") -> list[Image.Image]:
+def render(pipeline, mixer, weights: dict[str, float], combos, seeds, mode: str = "add",
+           schedules: dict[str, str] | None = None) -> list[Image.Image]:
     """One image per (combo, seed) with exactly `weights` set (adapters not named at 0), mixed
-    by `mode`; the mixer is left in the mode it had."""
+    by `mode`, the adapters of `schedules` (name -> "@0.5-1", sdlora.mix.schedules) re-weighted
+    on the UNet before each step as a render does; the mixer is left in the mode it had."""
     import torch
+
+    from sdlora.mix.schedules import schedule_hook
+    from sdlora.render.pipelines import step_callback
 
     full = {name: weights.get(name, 0.0) for name in mixer.weights}
     with mixer.using(full), _mode(mixer, mode):
-        return pipeline([demo_base.prompt(*combo) for combo in combos],
-                        generator=[torch.Generator().manual_seed(seed) for seed in seeds],
-                        **RENDER).images
+        step_hook = schedule_hook(mixer, full, schedules or {})
+        callback = None
+        if step_hook is not None:
+            step_hook(0, RENDER["num_inference_steps"])
+            callback = step_callback(step_hook)
+        try:
+            return pipeline([demo_base.prompt(*combo) for combo in combos],
+                            generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+                            callback_on_step_end=callback, **RENDER).images
+        finally:
+            mixer.set_step_weights(dict.fromkeys(mixer.weights))
 
 
 @contextlib.contextmanager
@@ -261,10 +277,10 @@ def render_grid(adapters: dict[str, Path], path: Path, cell: int = 128) -> Path:
     pipeline, mixer = demo_pipeline(adapters)
     seeds = range(len(GRID_PROMPTS))
     rows = [[image.resize((cell, cell), Image.Resampling.BICUBIC)
-             for image in render(pipeline, mixer, weights, GRID_PROMPTS, seeds, mode)]
-            for _, weights, mode in GRID_ROWS]
+             for image in render(pipeline, mixer, weights, GRID_PROMPTS, seeds, mode, schedules)]
+            for _, weights, mode, schedules in GRID_ROWS]
     columns = [f"{colour} {shape} on {background}" for colour, shape, background in GRID_PROMPTS]
-    labelled_grid(rows, [label for label, _, _ in GRID_ROWS], columns).save(path)
+    labelled_grid(rows, [label for label, *_ in GRID_ROWS], columns).save(path)
     return path
 
 
@@ -273,7 +289,8 @@ def demo_command(args) -> None:
     print(f"sdlora demo finished in {result.seconds:.0f} s")
     for style, path in result.adapters.items():
         print(f"  {style} adapter: {path}")
-    print(f"  grid (base, each style at 0.5 and 1.0, both mixed by add and by orthogonal): "
+    print(f"  grid (base, each style at 0.5 and 1.0, both mixed by add and by orthogonal, "
+          "and with the stripes on the late steps only): "
           f"{result.grid}")
     print("  next: sdlora render --base demo --lora "
           f"{result.adapters['sepia']}:0.7 --prompt 'a red circle on a blue background' "

@@ -136,3 +136,17 @@ def test_orthogonal_mix_keeps_more_content_than_adding(mixed):
         statistic = STATISTICS[style]
         solo = mean(statistic, alone[style]) - mean(statistic, base_images)
         assert (mean(statistic, orthogonal) - mean(statistic, base_images)) / solo >= 0.6, style
+
+
+def test_late_only_stripes_draw_some_of_the_stripes_and_leave_the_mixer_as_it_was(mixed):
+    """The grid's last row: `<lora:stripes:1@0.5-1>` draws less stripe energy than the stripes
+    at every step and more than none, and the next render without a schedule is unchanged."""
+    pipeline, mixer, base_images = mixed
+    stripes = {"stripes": 1.0}
+    every_step = demo.render(pipeline, mixer, stripes, COMBOS, SEEDS)
+    late = demo.render(pipeline, mixer, stripes, COMBOS, SEEDS, schedules={"stripes": "@0.5-1"})
+    again = demo.render(pipeline, mixer, stripes, COMBOS, SEEDS)
+    energy = [mean(demo_base.stripe_energy, images) for images in (base_images, late, every_step)]
+    assert energy[0] < energy[1] < energy[2]
+    assert all(np.array_equal(np.asarray(first), np.asarray(second))
+               for first, second in zip(every_step, again))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from sdlora.errors import SdloraError
@@ -100,3 +101,28 @@ def _finite(text: str, where: str) -> float:
     if not math.isfinite(value):
         raise SdloraError(f"{where}: weight {text!r} is not a finite number")
     return value
+
+
+def schedule_hook(
+    mixer, weights: Mapping[str, float], schedules: Mapping[str, str]
+) -> Callable[[int, int], None] | None:
+    """A step hook (`hook(step, steps)`, run before each denoising step) that gives the
+    adapters of `schedules` (name -> recorded schedule, "@0.5-1") their UNet weight for that
+    step, from their weight in `weights`; None when none of `weights` is scheduled. Adapters
+    without a schedule get their UNet back at their weight (a previous image may have left a
+    step weight)."""
+    parsed = {
+        name: parse_schedule(text, f"schedule of {name!r}")
+        for name, text in schedules.items()
+        if name in weights
+    }
+    mixer.set_step_weights(dict.fromkeys(set(mixer.weights) - set(parsed)))
+    if not parsed:
+        return None
+
+    def before_step(step: int, steps: int) -> None:
+        mixer.set_step_weights({
+            name: schedule.weight(weights[name], step, steps) for name, schedule in parsed.items()
+        })
+
+    return before_step

@@ -179,13 +179,7 @@ def _img2img(run, pipeline, source, strength, conditioning, steps, cfg, generato
 def _run(pipeline, conditioning, steps, cfg, generator, step_hook=None, **task) -> Image.Image:
     if step_hook is not None:
         step_hook(0, steps)
-
-        def next_step(pipe, step, timestep, tensors):
-            if step + 1 < pipe.num_timesteps:
-                step_hook(step + 1, pipe.num_timesteps)
-            return {}
-
-        task["callback_on_step_end"] = next_step
+        task["callback_on_step_end"] = step_callback(step_hook)
     return pipeline(
         **conditioning,
         **task,
@@ -193,6 +187,17 @@ def _run(pipeline, conditioning, steps, cfg, generator, step_hook=None, **task) 
         guidance_scale=cfg,
         generator=generator,
     ).images[0]
+
+
+def step_callback(step_hook):
+    """diffusers' `callback_on_step_end` that runs `step_hook(step, steps)` before each step
+    after the first (the caller runs step 0's: a pass announces it before it starts)."""
+    def next_step(pipe, step, timestep, tensors):
+        if step + 1 < pipe.num_timesteps:
+            step_hook(step + 1, pipe.num_timesteps)
+        return {}
+
+    return next_step
 
 
 def _steps_strength(strength: float, steps: int) -> float:

@@ -11,7 +11,7 @@
          the scheduler built, the textual-inversion embeddings the prompts name loaded (only
          those: sdlora.render.embeddings), the prompt encoded, and the picture drawn with a CPU
          generator seeded by the request's seed (the same noise on any device); adapters with
-         a weight schedule are re-weighted on the UNet between steps (`_step_hook`)
+         a weight schedule are re-weighted on the UNet between steps (`schedule_hook`)
       -> RenderedImage: the PIL image, its record and its A1111 infotext; `write_image` saves it
 
 Precision: float16 on CUDA, float32 elsewhere.
@@ -29,7 +29,7 @@ import torch
 import sdlora
 from sdlora.errors import SdloraError
 from sdlora.mix.modes import DEFAULT_MIX_MODE, check_mix_mode
-from sdlora.mix.schedules import parse_schedule
+from sdlora.mix.schedules import parse_schedule, schedule_hook
 from sdlora.render.defaults import DEFAULT_CFG, DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_CLIP_SKIP
 from sdlora.render.embeddings import SessionEmbeddings
 from sdlora.render.init_images import InitImage, check_image_options, init_output_size
@@ -275,7 +275,8 @@ class GenerationSession:
                     mask=mask,
                     strength=request.strength,
                     hires=hires,
-                    step_hook=_step_hook(self.mixer, request),
+                    step_hook=schedule_hook(self.mixer, request.active_loras,
+                                            request.lora_schedules),
                 )
         infotext = a1111_parameters(record, get_sampler(request.scheduler), self.model_name)
         return RenderedImage(image, record, infotext)
@@ -296,27 +297,3 @@ class GenerationSession:
                 self.mixer.set_component_weights(name, parts[0])
                 self.mixer.set_block_weights(name, parts[1])
                 self._parts[name] = parts
-
-
-
-def _step_hook(mixer, request: ImageRequest):
-    """The request's step hook (sdlora.render.pipelines): before each denoising step, the
-    scheduled adapters' UNet weights for that step; None when nothing is scheduled. Adapters
-    without a schedule get their UNet back at their weight (a previous request may have left
-    a step weight)."""
-    weights = request.active_loras
-    schedules = {
-        name: parse_schedule(text, f"schedule of {name!r}")
-        for name, text in request.lora_schedules.items()
-        if name in weights
-    }
-    mixer.set_step_weights(dict.fromkeys(set(mixer.weights) - set(schedules)))
-    if not schedules:
-        return None
-
-    def before_step(step: int, steps: int) -> None:
-        mixer.set_step_weights({
-            name: schedule.weight(weights[name], step, steps) for name, schedule in schedules.items()
-        })
-
-    return before_step
