@@ -181,6 +181,10 @@ def test_grid_image_has_a_cell_per_prompt_and_weight(tiny_sd1, adapters_dir, tmp
             r"weight 'abc'.*not a number",
         ),
         (
+            ["--prompt", "x", "--lora", "{adapters}/style.safetensors:1@0.5-1"],
+            r"a weight schedule goes in the prompt, as <lora:style:1@0.5-1>, with --lora ",
+        ),
+        (
             ["--prompt", "x", "--lora", "{adapters}/missing.safetensors"],
             r"missing.safetensors' not found",
         ),

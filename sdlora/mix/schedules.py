@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from sdlora.errors import SdloraError
 
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)"
-_WEIGHT_TEXT = re.compile(
+WEIGHT_TEXT = re.compile(
     rf"\s*(?P<weight>{_NUMBER})\s*(?:~\s*(?P<to>{_NUMBER})\s*)?"
     rf"(?:@\s*(?P<start>{_NUMBER})\s*-\s*(?P<end>{_NUMBER})\s*)?"
 )
@@ -60,7 +60,7 @@ class WeightSchedule:
 
 def parse_weight_text(text: str, where: str) -> tuple[float, WeightSchedule | None]:
     """"1@0.5-1" -> (1.0, WeightSchedule(0.5, 1.0)); a plain number -> (weight, None)."""
-    match = _WEIGHT_TEXT.fullmatch(text)
+    match = WEIGHT_TEXT.fullmatch(text)
     if match is None:
         raise SdloraError(
             f"{where}: weight {text.strip()!r} is not W, W@START-END, W~W2 or W~W2@START-END "

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlora.errors import SdloraError
-from sdlora.mix.schedules import format_schedule
+from sdlora.mix.schedules import WEIGHT_TEXT, format_schedule
 from sdlora.render.prompt_syntax import (
     EXTRA_NETWORK_TAG,
     LoraTag,
@@ -72,6 +72,9 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
             return Path(head), weight
     path = Path(spec)
     if not path.is_file() and colon and head and Path(head).is_file():
+        if WEIGHT_TEXT.fullmatch(tail):  # a plain number was read above
+            raise SdloraError(f"--lora {spec!r}: a weight schedule goes in the prompt, as "
+                              f"<lora:{Path(head).stem}:{tail.strip()}>, with --lora {head}")
         raise SdloraError(f"weight {tail!r} in --lora {spec!r} is not a number")
     return path, 1.0
 
