@@ -7,7 +7,7 @@ For each training seed S the demo's two adapters are trained by the demo's own r
 1 minute on one core; kept and reused), then every configuration draws the held-out prompts of
 the demo base (sdlora.base.demo_base.HELD_OUT, combinations it never saw) x --seeds seeds.
 A single training run is one draw: the same recipe at another seed moves the mix's content by
-up to 0.15, so the tables average over the training seeds (each seed's statistics are cached
+up to 0.3, so the tables average over the training seeds (each seed's statistics are cached
 in OUT_DIR/seed-S/statistics.json, so runs over disjoint seeds can go in parallel and a last
 run with all of them only prints).
 
@@ -115,9 +115,9 @@ def kept(rows, label: str, weights: dict) -> tuple[float | None, float | None]:
     base = rows["base"]
     fractions = []
     for style, statistic in (("sepia", "saturation"), ("stripes", "stripes")):
-        weight = weights.get(style, 0.0)
-        if weight in (0.5, 1.0) and label != f"{style} {weight}":
-            alone = rows[f"{style} {weight}"][statistic] - base[statistic]
+        alone_label = f"{style} {weights.get(style, 0.0)}"  # as in ALONE
+        if alone_label in rows and label != alone_label:
+            alone = rows[alone_label][statistic] - base[statistic]
             fractions.append((rows[label][statistic] - base[statistic]) / alone)
         else:
             fractions.append(None)
