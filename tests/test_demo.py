@@ -1,9 +1,9 @@
 """`sdlora demo` end to end, and the quality of its two style adapters.
 
 An adapter at weight 1 moves its style statistic (saturation for sepia, stripe energy for
-stripes) at least half of the way from the base's images to its training images, about half
-as far at 0.5 (0.25-0.7 of its move at 1), not at all at 0, while the prompt's shape and colours
-stay readable (`demo_content.read_content`, colours named as the style draws them).
+stripes) at least half of the way from the base's images to its training images, part of that
+at 0.5 (sepia 0.35-0.7 of its move at 1, stripes 0.15-0.7), not at all at 0, while the prompt's
+shape and colours stay readable (`demo_content.read_content`, colours named as the style draws them).
 """
 
 
@@ -91,13 +91,15 @@ def assert_content_kept(images, weights, base_images, fraction: float) -> None:
 
 
 @pytest.mark.parametrize("style", demo.STYLES)
-def test_half_weight_moves_the_statistic_about_half_as_far_and_keeps_the_content(weighted, style):
+def test_half_weight_moves_the_statistic_part_of_the_way_and_keeps_the_content(weighted, style):
     base_images, training, _, half, full = weighted[style]
     moved_half = moved(style, half, base_images, training)
     moved_full = moved(style, full, base_images, training)
-    # A quarter, not a third: the stripes at 0.5 show about 0.3 of their move at 1 (the base's
-    # denoiser pulls weak stripes back towards none); trained longer for more, they bend shapes.
-    assert 0.25 * moved_full <= moved_half <= 0.7 * moved_full, (moved_half, moved_full)
+    # Sepia at 0.5 shows half of its move at 1. The stripes show about a fifth: the base's
+    # denoiser pulls weak stripes back towards none, and the demo's stripes are light (darker
+    # ones, which showed 0.3 at 0.5, the base's VAE draws across red triangles as bells).
+    least = {"sepia": 0.35, "stripes": 0.15}[style]
+    assert least * moved_full <= moved_half <= 0.7 * moved_full, (moved_half, moved_full)
     assert_content_kept(half, {style: 0.5}, base_images, 0.9)
 
 
