@@ -151,9 +151,12 @@ def encode_chunks(chunks: list[Chunk], tokenizer, encoder, clip_skip: int, sdxl:
     # A1111's emphasis: scale the tokens, then give each chunk back its mean, so that weights
     # shift attention between tokens rather than the overall strength of the conditioning
     weighted = hidden * weights
-    rescale = hidden.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True)
-    # A chunk without weights stays exactly as encoded: A1111 rescales it by mean / mean, 1, but
-    # that is 0 / 0 where a layer norm without bias centres every state (random test encoders)
+    weighted_mean = weighted.mean(dim=(1, 2), keepdim=True)
+    rescale = hidden.mean(dim=(1, 2), keepdim=True) / weighted_mean
+    # A chunk without weights stays exactly as encoded: A1111 rescales it by mean / mean, 1. So
+    # does a chunk whose states a layer norm without bias centres (random test encoders): its
+    # means are rounding noise, and their ratio would scale the whole chunk by chance
     emphasised = (weights != 1).any(dim=1, keepdim=True)
-    weighted = weighted * torch.where(emphasised, rescale, torch.ones_like(rescale))
+    centred = weighted_mean.abs() <= 1e-4 * weighted.abs().mean(dim=(1, 2), keepdim=True)
+    weighted = weighted * torch.where(emphasised & ~centred, rescale, torch.ones_like(rescale))
     return weighted.reshape(1, -1, hidden.shape[-1]), None if pooled is None else pooled[:1]
