@@ -58,16 +58,22 @@ def test_draws_seen_combinations_as_told():
     assert accuracy(demo_base.training_combinations()) >= 0.8
 
 
-def test_a_latent_half_way_to_a_striped_picture_decodes_about_half_striped():
-    """A style at half weight draws latents part-way between the plain and the styled
-    picture's: the VAE decoder must draw those part-way too, not smooth weak stripes away."""
+@pytest.fixture(scope="module")
+def demo_vae():
+    """The demo base's VAE in float32 and an image processor that leaves the size alone."""
     from diffusers import AutoencoderKL
     from diffusers.image_processor import VaeImageProcessor
 
+    vae = AutoencoderKL.from_pretrained(demo_base.DEMO_BASE_DIR / "vae", dtype=torch.float32)
+    return vae, VaeImageProcessor(do_resize=False)
+
+
+def test_a_latent_half_way_to_a_striped_picture_decodes_about_half_striped(demo_vae):
+    """A style at half weight draws latents part-way between the plain and the styled
+    picture's: the VAE decoder must draw those part-way too, not smooth weak stripes away."""
     from sdlora.demo import stripes
 
-    vae = AutoencoderKL.from_pretrained(demo_base.DEMO_BASE_DIR / "vae", dtype=torch.float32)
-    processor = VaeImageProcessor(do_resize=False)
+    vae, processor = demo_vae
     rng = random.Random(2)
     plain = [demo_base.draw(combo[1], combo[0], combo[2], *demo_base.random_placement(rng))
              for combo in demo_base.all_combinations()[::5]]
@@ -172,18 +178,14 @@ def test_a_wrong_or_missing_shape_does_not_match():
 
 
 @pytest.mark.parametrize("styles", [{"sepia": 1.0}, {"stripes": 1.0}, {"sepia": 1.0, "stripes": 1.0}])
-def test_the_vae_draws_the_demo_styles_without_losing_the_content(styles):
+def test_the_vae_draws_the_demo_styles_without_losing_the_content(demo_vae, styles):
     """Encoded and decoded, drawn pictures of every combination in the demo's styles still read
     as their prompt: what a style adapter draws goes through this decoder, so what it cannot
     draw no adapter or mix mode can (before its decoder learnt toned pictures, 0.72 read right
     under both styles; now 0.9)."""
-    from diffusers import AutoencoderKL
-    from diffusers.image_processor import VaeImageProcessor
-
     from sdlora import demo
 
-    vae = AutoencoderKL.from_pretrained(demo_base.DEMO_BASE_DIR / "vae", dtype=torch.float32)
-    processor = VaeImageProcessor(do_resize=False)
+    vae, processor = demo_vae
     style = demo.styled_as(styles)
     palette = demo_content.styled_palette(style)
     pictures = styled(style, demo_base.all_combinations())
